@@ -1,4 +1,60 @@
-//! syncluster: Node.js's `cluster` module rebuilt on raw Linux syscalls.
+//! syncluster: Node.js's `cluster` module rebuilt on raw Linux syscalls,
+//! with `libc` as the only dependency, no async runtime and no threads.
+//!
+//! One program runs as the **primary** or as a **worker**. The primary forks
+//! and execs copies of the program, owns every listening socket, and either
+//! hands each accepted connection to a worker in round robin (the fd crosses
+//! a socketpair with `SCM_RIGHTS`) or shares the listening socket with the
+//! workers. Primary and workers exchange messages, with fds if they like.
+//!
+//! ```no_run
+//! use syncluster::{Role, primary, worker};
+//! use std::io::Write;
+//!
+//! fn main() -> std::io::Result<()> {
+//!     match syncluster::role()? {
+//!         Role::Primary(mut primary) => {
+//!             for _ in 0..2 {
+//!                 primary.fork()?;
+//!             }
+//!             while let Some(ev) = primary.next_event()? {
+//!                 if let primary::Event::Exit(id, status, _) = ev {
+//!                     eprintln!("worker {id} ended: {status}");
+//!                 }
+//!             }
+//!         }
+//!         Role::Worker(worker) => {
+//!             let listener = worker.listen("127.0.0.1:8000")?;
+//!             for stream in listener.incoming() {
+//!                 stream?.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")?;
+//!             }
+//!         }
+//!     }
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Architecture
+//!
+//! Data flows down; each layer knows only the one below.
+//!
+//! | layer | modules | knows |
+//! |---|---|---|
+//! | public API | `lib.rs` | role detection |
+//! | cluster | [`primary`], [`worker`], [`protocol`] | the cluster protocol, not syscalls |
+//! | ipc | [`ipc::wire`], [`ipc::channel`] | frames and fds, not clusters |
+//! | sys | `sys` | the only `unsafe`, the only `libc` |
+//!
+//! The primary is one epoll loop over a signalfd, the worker channels and
+//! the round-robin listeners; [`primary::Primary::next_event`] turns it.
+//! A worker either calls [`worker::Listener::accept`] in a loop, or runs
+//! [`worker::Worker::next_event`], which interleaves connections, messages,
+//! the disconnect request and readiness of the worker's own fds.
+//!
+//! Where Node's cluster is weak, syncluster is not: a connection in flight to
+//! a worker that dies is handed to another one; the primary's accept queue
+//! is bounded; a connection every worker rejects is closed once instead of
+//! ping-ponging; `Disconnect` and `Exit` are both always reported.
 
 #![deny(missing_docs)]
 
@@ -11,4 +67,39 @@ compile_error!(
 pub mod sys;
 
 pub mod ipc;
+pub mod primary;
 pub mod protocol;
+pub mod worker;
+
+use std::io;
+
+pub use primary::{Event as PrimaryEvent, Primary, Settings};
+pub use protocol::Policy;
+pub use worker::{Event as WorkerEvent, Listener, Worker};
+
+/// Which side of the cluster this process is.
+#[derive(Debug)]
+pub enum Role {
+    /// The primary, with default [`Settings`] (policy from
+    /// `SYNCLUSTER_SCHED_POLICY` when set).
+    Primary(Primary),
+    /// A worker, already online.
+    Worker(Worker),
+}
+
+/// Tells the primary from a worker by `SYNCLUSTER_WORKER_ID` and
+/// `SYNCLUSTER_CHANNEL_FD` (≈ `cluster.isPrimary`), and removes both from
+/// the environment. A malformed value, or an fd that is not our parent's
+/// socket, is an `InvalidInput` error naming the variable.
+pub fn role() -> io::Result<Role> {
+    match Worker::from_env()? {
+        Some(w) => Ok(Role::Worker(w)),
+        None => {
+            let mut settings = Settings::default();
+            if let Some(p) = primary::policy_from_env()? {
+                settings.policy = p;
+            }
+            Primary::new(settings).map(Role::Primary)
+        }
+    }
+}

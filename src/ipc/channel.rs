@@ -388,7 +388,8 @@ impl Channel {
             return Ok(None);
         }
         let start = self.offset;
-        let (fds, lost_fds) = match self.claim(start, header.nfds as usize) {
+        let end = start + total as u64;
+        let (fds, lost_fds) = match self.claim(start, end, header.nfds as usize) {
             Ok(v) => v,
             Err(e) => return Err(self.fail(e.into())),
         };
@@ -403,8 +404,8 @@ impl Channel {
         }))
     }
 
-    // Pairs a frame starting at stream offset `s` with its fds.
-    fn claim(&mut self, s: u64, k: usize) -> Result<(Vec<OwnedFd>, usize), WireError> {
+    // Pairs a frame at stream offsets `[s, e)` with its fds.
+    fn claim(&mut self, s: u64, e: u64, k: usize) -> Result<(Vec<OwnedFd>, usize), WireError> {
         while let Some(b) = self.batches.front() {
             if b.end > s {
                 break;
@@ -420,6 +421,19 @@ impl Channel {
             });
         }
         if k == 0 {
+            // A batch that ends inside this frame can be owned by no later
+            // frame: its fds came with a frame that announced none. Fail now,
+            // rather than deliver this frame and hold the fds until a next
+            // frame or EOF that may never come.
+            if matches!(self.batches.front(), Some(b) if b.end <= e) {
+                let b = self.batches.pop_front().expect("front exists");
+                if !b.truncated && !b.fds.is_empty() {
+                    return Err(WireError::FdCountMismatch {
+                        announced: 0,
+                        received: b.fds.len(),
+                    });
+                }
+            }
             return Ok((Vec::new(), 0));
         }
         let announced = k as u16;

@@ -26,7 +26,6 @@ pub(crate) struct Conn {
 /// One listening socket, shared by every worker whose key matches.
 #[derive(Debug)]
 pub(crate) struct Handle {
-    pub id: u32,
     pub key: String,
     pub fd: OwnedFd,
     pub address: Address,

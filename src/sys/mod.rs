@@ -8,7 +8,9 @@ use std::io;
 
 pub mod epoll;
 pub mod fd;
+pub mod inherit;
 pub mod msg;
+pub mod poll;
 pub mod process;
 pub mod signal;
 pub mod socket;

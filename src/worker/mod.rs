@@ -1,0 +1,865 @@
+//! The worker side (≈ Node's child.js): the handshake, `listen()` through
+//! the primary, messages, and a single-threaded event loop.
+//!
+//! Everything hangs off one `Rc<RefCell<..>>` shared by the [`Worker`] and
+//! its [`Listener`]s: no threads, so a listener's `accept()` can read the
+//! channel and queue whatever else arrives (messages, connections for other
+//! listeners, the disconnect request) for [`Worker::next_event`].
+
+#![forbid(unsafe_code)]
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::ipc::channel::{Channel, Frame, Recv};
+use crate::ipc::wire::Kind;
+use crate::primary::{ENV_CHANNEL_FD, ENV_WORKER_ID};
+use crate::protocol::{self, Endpoint, Policy, Query, REJECTED};
+use crate::sys::{self, epoll, poll};
+
+const TOKEN_CHANNEL: u64 = 1 << 63;
+const TOKEN_LISTENER: u64 = (1 << 63) | (1 << 62);
+
+/// A connection from a TCP or a Unix listener.
+#[derive(Debug)]
+pub enum Stream {
+    /// From a TCP listener.
+    Tcp(TcpStream),
+    /// From a Unix socket listener.
+    Unix(UnixStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl Stream {
+    /// Sets `O_NONBLOCK`, for use with [`Worker::register`].
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
+    /// Sets a read timeout (`SO_RCVTIMEO`).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+/// Readiness interest for [`Worker::register`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interest {
+    /// Wake when readable (or the peer hung up).
+    pub readable: bool,
+    /// Wake when writable.
+    pub writable: bool,
+}
+
+impl Interest {
+    /// Readable only.
+    pub const READABLE: Interest = Interest {
+        readable: true,
+        writable: false,
+    };
+    /// Writable only.
+    pub const WRITABLE: Interest = Interest {
+        readable: false,
+        writable: true,
+    };
+    /// Both.
+    pub const BOTH: Interest = Interest {
+        readable: true,
+        writable: true,
+    };
+
+    pub(crate) fn epoll_bits(self) -> u32 {
+        let mut b = 0;
+        if self.readable {
+            b |= epoll::READABLE | epoll::READ_HUP;
+        }
+        if self.writable {
+            b |= epoll::WRITABLE;
+        }
+        b
+    }
+}
+
+/// What a registered fd is ready for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// Readable, or the peer closed (a read will not block).
+    pub readable: bool,
+    /// Writable.
+    pub writable: bool,
+    /// Hung up or in error.
+    pub hup: bool,
+}
+
+impl Readiness {
+    pub(crate) fn from_epoll(flags: u32) -> Readiness {
+        Readiness {
+            readable: flags & (epoll::READABLE | epoll::READ_HUP | epoll::HUP) != 0,
+            writable: flags & epoll::WRITABLE != 0,
+            hup: flags & (epoll::HUP | epoll::ERROR) != 0,
+        }
+    }
+}
+
+/// What [`Worker::next_event`] reports.
+#[derive(Debug)]
+pub enum Event {
+    /// A new connection on the listener with this [`Listener::id`].
+    Connection(usize, Stream),
+    /// A user message from the primary, with any fds.
+    Message(Vec<u8>, Vec<OwnedFd>),
+    /// The primary asked this worker to stop (or died): stop taking work,
+    /// finish what you hold, then return from `main`.
+    Disconnect,
+    /// A registered fd is ready; the token is the one given to `register`.
+    Ready(u64, Readiness),
+}
+
+#[derive(Debug)]
+struct ListenerState {
+    handle: u32,
+    policy: Policy,
+    address: String,
+    unix: bool,
+    key: String,
+    index: u32,
+    shared: Option<OwnedFd>,
+    queue: VecDeque<(u32, OwnedFd)>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    id: u32,
+    channel: Channel,
+    epoll: epoll::Epoll,
+    events_buf: epoll::Events,
+    listeners: Vec<Option<ListenerState>>,
+    indexes: HashMap<String, Vec<u32>>,
+    pending: VecDeque<Event>,
+    disconnect_requested: bool,
+    disconnect_reported: bool,
+    primary_gone: bool,
+    acked: Vec<u32>,
+    next_req: u32,
+    // Listeners whose queue has connections, round robin among them.
+    ready_cursor: usize,
+}
+
+/// The worker process's handle on the cluster. See the module docs.
+#[derive(Debug)]
+pub struct Worker {
+    inner: Rc<RefCell<Inner>>,
+}
+
+/// A listener obtained through the primary. Dropping it closes it: the
+/// primary stops routing to this worker for its key, and connections queued
+/// here go back to be served by another worker.
+#[derive(Debug)]
+pub struct Listener {
+    inner: Rc<RefCell<Inner>>,
+    idx: usize,
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+fn disconnecting() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "worker is disconnecting: no more connections",
+    )
+}
+
+fn bad_env(var: &str, value: &str, why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{var}={value:?}: {why}"),
+    )
+}
+
+impl Worker {
+    /// Reads `SYNCLUSTER_WORKER_ID` and `SYNCLUSTER_CHANNEL_FD`, removes
+    /// both from the environment, adopts the channel and says Online.
+    /// `Ok(None)` when neither is set (this is not a worker).
+    pub fn from_env() -> io::Result<Option<Worker>> {
+        let id_var = std::env::var_os(ENV_WORKER_ID);
+        let fd_var = std::env::var_os(ENV_CHANNEL_FD);
+        std::env::remove_var(ENV_WORKER_ID);
+        std::env::remove_var(ENV_CHANNEL_FD);
+        let (id_raw, fd_raw) = match (id_var, fd_var) {
+            (None, None) => return Ok(None),
+            (Some(_), None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{ENV_WORKER_ID} is set but {ENV_CHANNEL_FD} is not"),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{ENV_CHANNEL_FD} is set but {ENV_WORKER_ID} is not"),
+                ))
+            }
+            (Some(a), Some(b)) => (a, b),
+        };
+        let id_s = id_raw.to_string_lossy().into_owned();
+        let fd_s = fd_raw.to_string_lossy().into_owned();
+        let id = id_s
+            .parse::<u32>()
+            .ok()
+            .filter(|&i| i > 0)
+            .ok_or_else(|| bad_env(ENV_WORKER_ID, &id_s, "not a worker id (1, 2, 3, ...)"))?;
+        let raw = fd_s
+            .parse::<i32>()
+            .ok()
+            .filter(|&f| f > 2)
+            .ok_or_else(|| bad_env(ENV_CHANNEL_FD, &fd_s, "not an fd number above 2"))?;
+        let fd = sys::inherit::adopt_channel(raw)
+            .map_err(|e| bad_env(ENV_CHANNEL_FD, &fd_s, &e.to_string()))?;
+        Worker::with_channel(id, fd).map(Some)
+    }
+
+    fn with_channel(id: u32, fd: OwnedFd) -> io::Result<Worker> {
+        let mut channel = Channel::new(fd, false);
+        channel.send(Kind::Online, 0, 0, &[], &[])?;
+        let epoll = epoll::Epoll::new()?;
+        epoll.add(channel.as_fd(), epoll::READABLE, TOKEN_CHANNEL)?;
+        Ok(Worker {
+            inner: Rc::new(RefCell::new(Inner {
+                id,
+                channel,
+                epoll,
+                events_buf: epoll::Events::with_capacity(64),
+                listeners: Vec::new(),
+                indexes: HashMap::new(),
+                pending: VecDeque::new(),
+                disconnect_requested: false,
+                disconnect_reported: false,
+                primary_gone: false,
+                acked: Vec::new(),
+                next_req: 1,
+                ready_cursor: 0,
+            })),
+        })
+    }
+
+    /// This worker's id (1, 2, 3, ...).
+    pub fn id(&self) -> u32 {
+        self.inner.borrow().id
+    }
+
+    /// True once the primary asked for a disconnect, or died.
+    pub fn is_disconnecting(&self) -> bool {
+        let i = self.inner.borrow();
+        i.disconnect_requested || i.primary_gone
+    }
+
+    /// Sends a user message, with fds, to the primary. Blocks until written.
+    pub fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        self.inner
+            .borrow_mut()
+            .channel
+            .send(Kind::User, 0, 0, bytes, fds)
+    }
+
+    /// Listens through the primary on `"host:port"`, `"[v6]:port"`, a port
+    /// alone, or a Unix socket path (≈ `server.listen` in a worker). Blocks
+    /// for the primary's answer; a bind error comes back here, naming the
+    /// address, and the worker may go on.
+    pub fn listen(&self, addr: &str) -> io::Result<Listener> {
+        self.listen_with_backlog(addr, 0)
+    }
+
+    /// [`Worker::listen`] with a `listen(2)` backlog (0: the primary's default, 511).
+    pub fn listen_with_backlog(&self, addr: &str, backlog: u32) -> io::Result<Listener> {
+        let endpoint = Endpoint::parse(addr)?;
+        let key = endpoint.key();
+        let mut inner = self.inner.borrow_mut();
+        if inner.disconnect_requested || inner.primary_gone {
+            return Err(disconnecting());
+        }
+        // Node's index: the k-th live listen on the same endpoint.
+        let used = inner.indexes.entry(key.clone()).or_default();
+        let index = (0..).find(|i| !used.contains(i)).unwrap_or(0);
+        used.push(index);
+        let q = Query {
+            endpoint,
+            index,
+            backlog,
+        };
+        let seq = inner.next_req;
+        inner.next_req = inner.next_req.wrapping_add(1);
+        let res = inner.query(seq, &q);
+        let reply = match res {
+            Ok(r) => r,
+            Err(e) => {
+                inner.release_index(&key, index);
+                return Err(e);
+            }
+        };
+        let (handle, policy, address, shared) = match reply {
+            Ok(v) => v,
+            Err(e) => {
+                inner.release_index(&key, index);
+                return Err(e);
+            }
+        };
+        let idx = inner.listeners.len();
+        if let Some(fd) = &shared {
+            inner.epoll.add(
+                fd.as_fd(),
+                epoll::READABLE | epoll::EXCLUSIVE,
+                TOKEN_LISTENER | idx as u64,
+            )?;
+        }
+        inner.listeners.push(Some(ListenerState {
+            handle,
+            policy,
+            address,
+            unix: matches!(q.endpoint, Endpoint::Unix(_)),
+            key,
+            index,
+            shared,
+            queue: VecDeque::new(),
+        }));
+        inner.channel.send(Kind::Listening, 0, handle, &[], &[])?;
+        drop(inner);
+        Ok(Listener {
+            inner: self.inner.clone(),
+            idx,
+        })
+    }
+
+    /// Blocks for the next message from the primary. `Ok(None)` once a
+    /// disconnect was requested (or the primary died). Connections that
+    /// arrive meanwhile wait in their listener.
+    pub fn recv(&self) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+        let mut inner = self.inner.borrow_mut();
+        loop {
+            let pos = inner
+                .pending
+                .iter()
+                .position(|e| matches!(e, Event::Message(..)));
+            if let Some(Event::Message(b, f)) = pos.and_then(|p| inner.pending.remove(p)) {
+                return Ok(Some((b, f)));
+            }
+            if inner.disconnect_requested || inner.primary_gone {
+                return Ok(None);
+            }
+            inner.read_channel(true)?;
+        }
+    }
+
+    /// Registers an fd of the worker's own (say an open connection) with the
+    /// worker's loop; its readiness comes back as [`Event::Ready`] with
+    /// `token`. Tokens must be below 2^62. Level-triggered.
+    pub fn register(&self, fd: BorrowedFd<'_>, token: u64, interest: Interest) -> io::Result<()> {
+        check_token(token)?;
+        self.inner
+            .borrow()
+            .epoll
+            .add(fd, interest.epoll_bits(), token)
+    }
+
+    /// Changes the interest or token of a registered fd.
+    pub fn reregister(&self, fd: BorrowedFd<'_>, token: u64, interest: Interest) -> io::Result<()> {
+        check_token(token)?;
+        self.inner
+            .borrow()
+            .epoll
+            .modify(fd, interest.epoll_bits(), token)
+    }
+
+    /// Removes a registered fd (do it before closing the fd).
+    pub fn deregister(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.inner.borrow().epoll.delete(fd)
+    }
+
+    /// Waits for the next event: a connection on any listener, a message,
+    /// the disconnect request, or a registered fd's readiness.
+    pub fn next_event(&self) -> io::Result<Event> {
+        loop {
+            if let Some(ev) = self.next_event_timeout(None)? {
+                return Ok(ev);
+            }
+        }
+    }
+
+    /// Like [`Worker::next_event`], but `Ok(None)` when `timeout` passes first.
+    pub fn next_event_timeout(&self, timeout: Option<Duration>) -> io::Result<Option<Event>> {
+        let until = timeout.map(|t| Instant::now() + t);
+        let mut inner = self.inner.borrow_mut();
+        loop {
+            if let Some(ev) = inner.pending.pop_front() {
+                return Ok(Some(ev));
+            }
+            if let Some((idx, stream)) = inner.take_queued()? {
+                return Ok(Some(Event::Connection(idx, stream)));
+            }
+            if (inner.disconnect_requested || inner.primary_gone) && !inner.disconnect_reported {
+                inner.disconnect_reported = true;
+                inner.stop_listening();
+                return Ok(Some(Event::Disconnect));
+            }
+            let now = Instant::now();
+            let wait = match until {
+                Some(u) if now >= u => return Ok(None),
+                Some(u) => Some(u - now),
+                None => None,
+            };
+            inner.wait(wait)?;
+            if let Some(ev) = inner.pending.pop_front() {
+                return Ok(Some(ev));
+            }
+        }
+    }
+
+    /// Worker-initiated disconnect (≈ `cluster.worker.disconnect()`): tells
+    /// the primary first, so it reports `exited_after_disconnect`, and waits
+    /// up to 5 s for its acknowledgement. Connections queued here go back to
+    /// the primary for other workers. Then return from `main`.
+    pub fn disconnect(&self) -> io::Result<()> {
+        let mut inner = self.inner.borrow_mut();
+        if inner.primary_gone {
+            return Ok(());
+        }
+        let seq = inner.next_req;
+        inner.next_req = inner.next_req.wrapping_add(1);
+        inner
+            .channel
+            .send(Kind::ExitedAfterDisconnect, 0, seq, &[], &[])?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !inner.acked.contains(&seq) && !inner.primary_gone {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "primary did not acknowledge the disconnect",
+                ));
+            }
+            inner.wait_channel(Some(left))?;
+        }
+        inner.disconnect_requested = true;
+        inner.disconnect_reported = true;
+        inner.stop_listening();
+        Ok(())
+    }
+}
+
+fn check_token(token: u64) -> io::Result<()> {
+    if token >= 1 << 62 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "worker tokens must be below 2^62",
+        ));
+    }
+    Ok(())
+}
+
+type Reply = Result<(u32, Policy, String, Option<OwnedFd>), io::Error>;
+
+impl Inner {
+    fn release_index(&mut self, key: &str, index: u32) {
+        if let Some(v) = self.indexes.get_mut(key) {
+            v.retain(|&i| i != index);
+            if v.is_empty() {
+                self.indexes.remove(key);
+            }
+        }
+    }
+
+    // Sends QueryServer and reads frames until its reply.
+    fn query(&mut self, seq: u32, q: &Query) -> io::Result<Reply> {
+        self.channel
+            .send(Kind::QueryServer, 0, seq, &q.encode(), &[])?;
+        loop {
+            let frame = match self.channel.recv()? {
+                Some(f) => f,
+                None => {
+                    self.primary_gone = true;
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "primary closed the channel",
+                    ));
+                }
+            };
+            if frame.header.kind == Kind::QueryReply && frame.header.seq == seq {
+                if frame.header.flags & protocol::ERROR != 0 {
+                    return Ok(Err(protocol::decode_reply_err(&frame.payload)));
+                }
+                let (handle, policy, address) = protocol::decode_reply_ok(&frame.payload)?;
+                let mut fds = frame.fds;
+                let shared = match policy {
+                    Policy::Shared => Some(
+                        fds.pop()
+                            .ok_or_else(|| invalid("shared reply without a listening fd".into()))?,
+                    ),
+                    Policy::RoundRobin => None,
+                };
+                return Ok(Ok((handle, policy, address, shared)));
+            }
+            self.on_frame(frame)?;
+        }
+    }
+
+    fn on_frame(&mut self, f: Frame) -> io::Result<()> {
+        match f.header.kind {
+            Kind::NewConn => {
+                let ids: Vec<u32> = protocol::decode_ids(&f.payload)?.collect();
+                let handle = f.header.seq;
+                if f.lost_fds > 0 || f.fds.len() != ids.len() {
+                    // EMFILE here: hand them back so another worker serves them.
+                    let mut body = Vec::new();
+                    protocol::encode_ids(&ids, &mut body);
+                    return self
+                        .channel
+                        .send(Kind::ConnReply, REJECTED, handle, &body, &[]);
+                }
+                let slot = self
+                    .listeners
+                    .iter_mut()
+                    .flatten()
+                    .find(|l| l.handle == handle && l.policy == Policy::RoundRobin);
+                match slot {
+                    Some(l) => {
+                        l.queue.extend(ids.into_iter().zip(f.fds));
+                        Ok(())
+                    }
+                    None => {
+                        let mut body = Vec::new();
+                        protocol::encode_ids(&ids, &mut body);
+                        self.channel
+                            .send(Kind::ConnReply, REJECTED, handle, &body, &[])
+                    }
+                }
+            }
+            Kind::Disconnect => {
+                self.disconnect_requested = true;
+                Ok(())
+            }
+            Kind::Ack => {
+                self.acked.push(f.header.seq);
+                Ok(())
+            }
+            Kind::User => {
+                self.pending.push_back(Event::Message(f.payload, f.fds));
+                Ok(())
+            }
+            k => Err(invalid(format!(
+                "the primary sent an unexpected {k:?} frame"
+            ))),
+        }
+    }
+
+    // Reads whatever the channel has (blocking for one frame if asked).
+    fn read_channel(&mut self, block: bool) -> io::Result<()> {
+        if block {
+            match self.channel.recv()? {
+                Some(f) => self.on_frame(f)?,
+                None => self.primary_gone = true,
+            }
+        }
+        loop {
+            match self.channel.try_recv()? {
+                Recv::Frame(f) => self.on_frame(f)?,
+                Recv::WouldBlock => return Ok(()),
+                Recv::Eof => {
+                    self.primary_gone = true;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn wait_channel(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let mut rev = [0i16; 1];
+        poll::poll(&[(self.channel.as_fd(), poll::IN)], &mut rev, timeout)?;
+        if rev[0] != 0 {
+            self.read_channel(false)?;
+        }
+        Ok(())
+    }
+
+    // One epoll_wait over the channel, shared listeners and user fds.
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let mut evs = std::mem::replace(&mut self.events_buf, epoll::Events::with_capacity(1));
+        let res = self.epoll.wait(&mut evs, timeout);
+        let mut out = Ok(());
+        if res.is_ok() {
+            for (token, flags) in evs.iter() {
+                if token == TOKEN_CHANNEL {
+                    if let Err(e) = self.read_channel(false) {
+                        out = Err(e);
+                    }
+                } else if token & TOKEN_LISTENER == TOKEN_LISTENER {
+                    let idx = (token & 0xffff_ffff) as usize;
+                    if let Some(ev) = self.accept_shared(idx) {
+                        self.pending.push_back(ev);
+                    }
+                } else {
+                    self.pending
+                        .push_back(Event::Ready(token, Readiness::from_epoll(flags)));
+                }
+            }
+        }
+        self.events_buf = evs;
+        res?;
+        out
+    }
+
+    fn accept_shared(&mut self, idx: usize) -> Option<Event> {
+        if self.disconnect_requested || self.primary_gone {
+            return None;
+        }
+        let l = self.listeners.get(idx)?.as_ref()?;
+        let fd = l.shared.as_ref()?;
+        let conn = sys::socket::accept(fd.as_fd(), false).ok()?;
+        Some(Event::Connection(idx, to_stream(conn, l.unix)))
+    }
+
+    // Pops a connection handed over by the primary and acknowledges it.
+    fn take_queued(&mut self) -> io::Result<Option<(usize, Stream)>> {
+        let n = self.listeners.len();
+        for step in 0..n {
+            let idx = (self.ready_cursor + step) % n;
+            if let Some(l) = self.listeners[idx].as_mut() {
+                if let Some((cid, fd)) = l.queue.pop_front() {
+                    let (handle, unix) = (l.handle, l.unix);
+                    self.ready_cursor = (idx + 1) % n;
+                    self.channel
+                        .send(Kind::ConnReply, 0, handle, &cid.to_le_bytes(), &[])?;
+                    return Ok(Some((idx, to_stream(fd, unix))));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    // Stops taking connections: shared listeners close; round-robin
+    // connections already handed over stay queued and are still served.
+    fn stop_listening(&mut self) {
+        for l in self.listeners.iter_mut().flatten() {
+            if let Some(fd) = l.shared.take() {
+                let _ = self.epoll.delete(fd.as_fd());
+            }
+        }
+    }
+
+    fn close_listener(&mut self, idx: usize) {
+        let Some(l) = self.listeners.get_mut(idx).and_then(Option::take) else {
+            return;
+        };
+        if let Some(fd) = &l.shared {
+            let _ = self.epoll.delete(fd.as_fd());
+        }
+        self.release_index(&l.key, l.index);
+        if self.primary_gone {
+            return;
+        }
+        let _ = self.channel.send(Kind::Close, 0, l.handle, &[], &[]);
+        if !l.queue.is_empty() {
+            let ids: Vec<u32> = l.queue.iter().map(|(id, _)| *id).collect();
+            let mut body = Vec::new();
+            protocol::encode_ids(&ids, &mut body);
+            let _ = self
+                .channel
+                .send(Kind::ConnReply, REJECTED, l.handle, &body, &[]);
+        }
+    }
+}
+
+fn to_stream(fd: OwnedFd, unix: bool) -> Stream {
+    if unix {
+        Stream::Unix(UnixStream::from(fd))
+    } else {
+        Stream::Tcp(TcpStream::from(fd))
+    }
+}
+
+impl Listener {
+    /// Local index of this listener, as [`Event::Connection`] names it.
+    pub fn id(&self) -> usize {
+        self.idx
+    }
+
+    /// The address the primary bound, with port 0 resolved (a path for Unix).
+    pub fn address(&self) -> String {
+        let inner = self.inner.borrow();
+        inner
+            .listeners
+            .get(self.idx)
+            .and_then(Option::as_ref)
+            .map(|l| l.address.clone())
+            .unwrap_or_default()
+    }
+
+    /// The bound TCP address, or `None` for a Unix socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.address().parse().ok()
+    }
+
+    /// The policy the primary chose for this listener.
+    pub fn policy(&self) -> Policy {
+        let inner = self.inner.borrow();
+        inner
+            .listeners
+            .get(self.idx)
+            .and_then(Option::as_ref)
+            .map_or(Policy::RoundRobin, |l| l.policy)
+    }
+
+    /// Blocks for the next connection, as a `TcpStream`. Meanwhile messages
+    /// and the disconnect request are queued for [`Worker::next_event`].
+    /// After a disconnect, the connections already handed over are still
+    /// returned; then `ConnectionAborted`.
+    pub fn accept(&self) -> io::Result<TcpStream> {
+        match self.accept_stream()? {
+            Stream::Tcp(s) => Ok(s),
+            Stream::Unix(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a Unix listener: use accept_unix",
+            )),
+        }
+    }
+
+    /// [`Listener::accept`] for a Unix socket listener.
+    pub fn accept_unix(&self) -> io::Result<UnixStream> {
+        match self.accept_stream()? {
+            Stream::Unix(s) => Ok(s),
+            Stream::Tcp(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a TCP listener: use accept",
+            )),
+        }
+    }
+
+    /// [`Listener::accept`] for either kind of listener.
+    pub fn accept_stream(&self) -> io::Result<Stream> {
+        let mut inner = self.inner.borrow_mut();
+        loop {
+            let l = inner
+                .listeners
+                .get_mut(self.idx)
+                .and_then(Option::as_mut)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "listener is closed"))?;
+            if let Some((cid, fd)) = l.queue.pop_front() {
+                let (handle, unix) = (l.handle, l.unix);
+                inner
+                    .channel
+                    .send(Kind::ConnReply, 0, handle, &cid.to_le_bytes(), &[])?;
+                return Ok(to_stream(fd, unix));
+            }
+            let unix = l.unix;
+            let shared = match &l.shared {
+                Some(fd) => match sys::socket::accept(fd.as_fd(), false) {
+                    Ok(conn) => return Ok(to_stream(conn, unix)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                    Err(e) if matches!(e.raw_os_error(), Some(23 | 24)) => {
+                        // EMFILE: back off instead of spinning on a ready listener.
+                        std::thread::sleep(Duration::from_millis(10));
+                        true
+                    }
+                    Err(_) => continue,
+                },
+                None => false,
+            };
+            if inner.disconnect_requested || inner.primary_gone {
+                inner.stop_listening();
+                return Err(disconnecting());
+            }
+            let mut rev = [0i16; 2];
+            if shared {
+                let fd = inner.listeners[self.idx]
+                    .as_ref()
+                    .and_then(|l| l.shared.as_ref())
+                    .map(|f| f.as_fd());
+                if let Some(lfd) = fd {
+                    poll::poll(
+                        &[(inner.channel.as_fd(), poll::IN), (lfd, poll::IN)],
+                        &mut rev,
+                        None,
+                    )?;
+                }
+            } else {
+                poll::poll(&[(inner.channel.as_fd(), poll::IN)], &mut rev, None)?;
+            }
+            if rev[0] != 0 {
+                inner.read_channel(false)?;
+            }
+        }
+    }
+
+    /// Connections until the worker is told to disconnect (then `None`).
+    pub fn incoming(&self) -> Incoming<'_> {
+        Incoming { listener: self }
+    }
+
+    /// Closes the listener now (the same as dropping it).
+    pub fn close(self) {}
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Ok(mut inner) = self.inner.try_borrow_mut() {
+            inner.close_listener(self.idx);
+        }
+    }
+}
+
+/// Iterator of [`Listener::incoming`].
+#[derive(Debug)]
+pub struct Incoming<'a> {
+    listener: &'a Listener,
+}
+
+impl Iterator for Incoming<'_> {
+    type Item = io::Result<TcpStream>;
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.listener.accept() {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => None,
+            other => Some(other),
+        }
+    }
+}
