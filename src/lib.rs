@@ -69,6 +69,7 @@ pub mod sys;
 pub mod ipc;
 pub mod primary;
 pub mod protocol;
+pub mod supervisor;
 pub mod worker;
 
 use std::io;

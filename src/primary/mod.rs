@@ -552,15 +552,16 @@ impl Primary {
         self.next_event_timeout(None)
     }
 
-    /// Like [`Primary::next_event`], but `Ok(None)` also when `timeout`
-    /// passes with nothing to report.
+    /// Like [`Primary::next_event`], but waits up to `timeout` even with no
+    /// worker left (signals still arrive), and `Ok(None)` when it passes with
+    /// nothing to report.
     pub fn next_event_timeout(&mut self, timeout: Option<Duration>) -> io::Result<Option<Event>> {
         let until = timeout.map(|t| Instant::now() + t);
         loop {
             if let Some(ev) = self.events.pop_front() {
                 return Ok(Some(ev));
             }
-            if self.workers.is_empty() {
+            if self.workers.is_empty() && until.is_none() {
                 return Ok(None);
             }
             let now = Instant::now();
