@@ -290,6 +290,13 @@ impl Worker {
         self.inner.borrow().id
     }
 
+    /// A duplicate of the channel fd, for fault-injection tests that must
+    /// write raw bytes to the primary. Not for normal use.
+    #[doc(hidden)]
+    pub fn raw_channel_fd(&self) -> io::Result<OwnedFd> {
+        sys::fd::dup(self.inner.borrow().channel.as_fd())
+    }
+
     /// True once the primary asked for a disconnect, or died.
     pub fn is_disconnecting(&self) -> bool {
         let i = self.inner.borrow();
