@@ -18,7 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use self::round_robin::{Conn, Handle};
+use self::round_robin::{Avail, Conn, Handle};
 pub use self::shared::Address;
 use crate::ipc::channel::{Channel, Frame, Recv};
 use crate::ipc::wire::{self, Kind};
@@ -34,6 +34,9 @@ pub const ENV_SCHED_POLICY: &str = "SYNCLUSTER_SCHED_POLICY";
 
 /// The fd number the channel has in every worker.
 const CHANNEL_FD: i32 = 3;
+
+/// A full worker with no acknowledgement for this long loses its turn.
+const STALL: Duration = Duration::from_millis(20);
 
 const TOKEN_SIGNAL: u64 = 0;
 const TOKEN_WORKER: u64 = 1 << 32;
@@ -1070,12 +1073,18 @@ impl Primary {
                     .find(|(id, _)| *id == w)
                     .map_or(0, |(_, v)| v.len())
             };
-            let room = |w: u32| {
-                workers.get(&w).is_some_and(|s| {
-                    s.channel.is_some()
-                        && (force || s.in_flight.len() + pending(w) < window)
-                        && pending(w) < wire::MAX_FDS
-                })
+            let now = Instant::now();
+            let room = |w: u32| match workers.get(&w) {
+                Some(s) if s.channel.is_some() && pending(w) < wire::MAX_FDS => {
+                    if force || s.in_flight.len() + pending(w) < window {
+                        Avail::Room
+                    } else if now.duration_since(s.progress) < STALL {
+                        Avail::Busy
+                    } else {
+                        Avail::Stalled
+                    }
+                }
+                _ => Avail::Stalled,
             };
             let conn = h.queue.pop_front().expect("front exists");
             let Some(w) = h.pick(&conn, room) else {

@@ -15,6 +15,17 @@ use std::time::Instant;
 use super::shared::Address;
 use crate::protocol::Policy;
 
+/// Whether a worker can take a connection now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Avail {
+    /// Its window has room.
+    Room,
+    /// Full, but acknowledging: wait for it.
+    Busy,
+    /// Full with no progress for a while, or its channel is gone: skip it.
+    Stalled,
+}
+
 /// A connection the primary holds until a worker accepts it.
 #[derive(Debug)]
 pub(crate) struct Conn {
@@ -59,18 +70,26 @@ impl Handle {
         before != self.workers.len()
     }
 
-    /// The next worker in turn for which `has_room` holds and that has not
-    /// rejected `conn`. Advances the cursor past it.
-    pub fn pick(&mut self, conn: &Conn, mut has_room: impl FnMut(u32) -> bool) -> Option<u32> {
+    /// The worker whose turn it is, if it can take `conn` now. Turns are
+    /// strict, so counts stay even: a worker that is merely busy is waited
+    /// for, and only one that is stalled (full and making no progress) or
+    /// has rejected `conn` is skipped.
+    pub fn pick(&mut self, conn: &Conn, mut avail: impl FnMut(u32) -> Avail) -> Option<u32> {
         let n = self.workers.len();
         for step in 0..n {
             let i = (self.cursor + step) % n;
             let w = self.workers[i];
-            if conn.rejected_by.contains(&w) || !has_room(w) {
+            if conn.rejected_by.contains(&w) {
                 continue;
             }
-            self.cursor = (i + 1) % n;
-            return Some(w);
+            match avail(w) {
+                Avail::Room => {
+                    self.cursor = (i + 1) % n;
+                    return Some(w);
+                }
+                Avail::Busy => return None,
+                Avail::Stalled => continue,
+            }
         }
         None
     }
