@@ -79,6 +79,8 @@ pub use protocol::Policy;
 pub use worker::{Event as WorkerEvent, Listener, Worker};
 
 /// Which side of the cluster this process is.
+// One value per process: the size difference between variants is moot.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Role {
     /// The primary, with default [`Settings`] (policy from

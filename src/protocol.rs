@@ -244,9 +244,9 @@ pub fn decode_reply_ok(mut buf: &[u8]) -> io::Result<(u32, Policy, String)> {
 }
 
 /// Encodes a failed QueryReply: errno (0 if none) and the message.
-pub fn encode_reply_err(e: &io::Error) -> Vec<u8> {
+pub fn encode_reply_err(errno: Option<i32>, e: &io::Error) -> Vec<u8> {
     let mut out = Vec::new();
-    out.extend_from_slice(&e.raw_os_error().unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&errno.or(e.raw_os_error()).unwrap_or(0).to_le_bytes());
     out.extend_from_slice(e.to_string().as_bytes());
     out
 }
@@ -336,7 +336,7 @@ mod tests {
     #[test]
     fn reply_error_keeps_errno_kind() {
         let e = io::Error::from_raw_os_error(98);
-        let back = decode_reply_err(&encode_reply_err(&e));
+        let back = decode_reply_err(&encode_reply_err(None, &e));
         assert_eq!(back.kind(), io::ErrorKind::AddrInUse);
         assert!(decode_ids(&[1, 2, 3]).is_err());
     }

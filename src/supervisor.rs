@@ -176,7 +176,13 @@ impl Supervisor {
 
     fn fork(&mut self) -> io::Result<u32> {
         let id = self.primary.fork()?;
-        self.members.insert(id, Member { born: Instant::now(), listens: 0 });
+        self.members.insert(
+            id,
+            Member {
+                born: Instant::now(),
+                listens: 0,
+            },
+        );
         Ok(id)
     }
 
@@ -215,12 +221,17 @@ impl Supervisor {
             .map(|w| w.id)
             .collect();
         self.out.push_back(Notice::Reloading);
-        self.reload = Some(Reload { pending, current: None });
+        self.reload = Some(Reload {
+            pending,
+            current: None,
+        });
         self.step_reload();
     }
 
     fn step_reload(&mut self) {
-        let Some(r) = self.reload.as_mut() else { return };
+        let Some(r) = self.reload.as_mut() else {
+            return;
+        };
         if r.current.is_some() {
             return;
         }
@@ -231,7 +242,13 @@ impl Supervisor {
         };
         match self.primary.fork() {
             Ok(new) => {
-                self.members.insert(new, Member { born: Instant::now(), listens: 0 });
+                self.members.insert(
+                    new,
+                    Member {
+                        born: Instant::now(),
+                        listens: 0,
+                    },
+                );
                 let until = Instant::now() + self.config.reload_timeout;
                 if let Some(r) = self.reload.as_mut() {
                     r.current = Some((old, new, until));
@@ -242,7 +259,11 @@ impl Supervisor {
     }
 
     fn fail_reload(&mut self, why: String) {
-        if let Some(Reload { current: Some((_, new, _)), .. }) = self.reload.take() {
+        if let Some(Reload {
+            current: Some((_, new, _)),
+            ..
+        }) = self.reload.take()
+        {
             if self.primary.pid(new).is_some() {
                 let _ = self.primary.kill(new, signal::SIGKILL);
             }
@@ -252,8 +273,18 @@ impl Supervisor {
 
     // Retires the old worker once its replacement listens where it did.
     fn check_reload(&mut self) {
-        let Some(Reload { current: Some((old, new, _)), .. }) = self.reload else { return };
-        let want = self.members.get(&old).map_or(0, |m| m.listens).max(self.target_listens);
+        let Some(Reload {
+            current: Some((old, new, _)),
+            ..
+        }) = self.reload
+        else {
+            return;
+        };
+        let want = self
+            .members
+            .get(&old)
+            .map_or(0, |m| m.listens)
+            .max(self.target_listens);
         let have = self.members.get(&new).map_or(0, |m| m.listens);
         let online = self
             .primary
@@ -261,7 +292,9 @@ impl Supervisor {
             .iter()
             .any(|w| w.id == new && matches!(w.state, State::Online | State::Listening));
         if (want == 0 && online) || (want > 0 && have >= want) {
-            let _ = self.primary.disconnect(old, Some(self.config.graceful_timeout));
+            let _ = self
+                .primary
+                .disconnect(old, Some(self.config.graceful_timeout));
             if let Some(r) = self.reload.as_mut() {
                 r.current = None;
             }
@@ -281,11 +314,20 @@ impl Supervisor {
             self.config.workers -= 1;
             if !self.respawn_at.is_empty() {
                 self.respawn_at.pop();
-            } else if let Some(w) = self.primary.workers().into_iter().rev().find(|w| !w.exited_after_disconnect) {
-                self.primary.disconnect(w.id, Some(self.config.graceful_timeout))?;
+            } else if let Some(w) = self
+                .primary
+                .workers()
+                .into_iter()
+                .rev()
+                .find(|w| !w.exited_after_disconnect)
+            {
+                self.primary
+                    .disconnect(w.id, Some(self.config.graceful_timeout))?;
             }
         }
-        self.out.push_back(Notice::Scaled { workers: self.config.workers });
+        self.out.push_back(Notice::Scaled {
+            workers: self.config.workers,
+        });
         Ok(())
     }
 
@@ -294,7 +336,11 @@ impl Supervisor {
         if self.stopping.is_some() {
             return;
         }
-        if let Some(Reload { current: Some((_, new, _)), .. }) = self.reload {
+        if let Some(Reload {
+            current: Some((_, new, _)),
+            ..
+        }) = self.reload
+        {
             if new == id {
                 self.fail_reload(format!("replacement worker {id} died before it listened"));
                 return;
@@ -315,10 +361,16 @@ impl Supervisor {
         };
         self.failures += 1;
         if delay >= self.config.backoff_max {
-            self.out.push_back(Notice::CrashLoop { failures: self.failures });
+            self.out.push_back(Notice::CrashLoop {
+                failures: self.failures,
+            });
         }
         self.respawn_at.push(Instant::now() + delay);
-        self.out.push_back(Notice::Respawning { id, delay, failures: self.failures });
+        self.out.push_back(Notice::Respawning {
+            id,
+            delay,
+            failures: self.failures,
+        });
     }
 
     fn on_timers(&mut self) -> io::Result<()> {
@@ -338,7 +390,11 @@ impl Supervisor {
                 }
             }
         }
-        if let Some(Reload { current: Some((_, new, until)), .. }) = self.reload {
+        if let Some(Reload {
+            current: Some((_, new, until)),
+            ..
+        }) = self.reload
+        {
             if until <= now {
                 self.fail_reload(format!("replacement worker {new} did not listen in time"));
             }
@@ -360,7 +416,12 @@ impl Supervisor {
 
     fn next_deadline(&self) -> Option<Instant> {
         let reload = self.reload.as_ref().and_then(|r| r.current.map(|c| c.2));
-        self.respawn_at.iter().copied().chain(reload).chain(self.stopping).min()
+        self.respawn_at
+            .iter()
+            .copied()
+            .chain(reload)
+            .chain(self.stopping)
+            .min()
     }
 
     /// Runs the loop until there is something to report. `Ok(None)` once a
@@ -373,7 +434,9 @@ impl Supervisor {
             if self.stopping.is_some() && self.primary.workers().is_empty() {
                 return Ok(None);
             }
-            let wait = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
+            let wait = self
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(Instant::now()));
             let wait = wait.or(Some(Duration::from_secs(3600)));
             let ev = self.primary.next_event_timeout(wait)?;
             self.on_timers()?;
@@ -422,7 +485,11 @@ impl Supervisor {
         if self.ready {
             return;
         }
-        let listening = self.members.values().filter(|m| m.listens >= self.target_listens.max(1)).count();
+        let listening = self
+            .members
+            .values()
+            .filter(|m| m.listens >= self.target_listens.max(1))
+            .count();
         if listening >= self.config.workers {
             self.ready = true;
             self.out.push_back(Notice::Ready);

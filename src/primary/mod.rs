@@ -126,7 +126,8 @@ pub enum State {
     Listening,
     /// Its channel is closed.
     Disconnected,
-    /// Its process ended.
+    /// Its process ended. [`Primary::workers`] no longer lists a worker
+    /// once its `Exit` event is out, so this is seen only in between.
     Dead,
 }
 
@@ -676,8 +677,16 @@ impl Primary {
         Ok(())
     }
 
+    // Reaps only our workers, by pid: a child the program started itself
+    // keeps its exit status for its own `wait`.
     fn reap(&mut self) {
-        while let Ok(Some((pid, status))) = process::wait_any_nohang() {
+        let pids: Vec<i32> = self.pids.keys().copied().collect();
+        for pid in pids {
+            let status = match process::wait_pid_nohang(pid) {
+                Ok(Some(status)) => status,
+                Ok(None) => continue,
+                Err(_) => continue,
+            };
             let Some(id) = self.pids.remove(&pid) else {
                 continue;
             };
@@ -687,6 +696,7 @@ impl Primary {
             };
             if let Some(s) = self.workers.get_mut(&id) {
                 s.exit = Some(status);
+                s.state = State::Dead;
             }
             // Frames it wrote before dying are still readable: deliver them,
             // then Disconnect, then Exit.
@@ -840,16 +850,17 @@ impl Primary {
             Kind::QueryServer => self.on_query(id, f.header.seq, &f.payload),
             Kind::Listening => {
                 let hid = f.header.seq;
-                let addr = self
-                    .handles
-                    .get(&hid)
-                    .map(|h| h.address.clone())
-                    .ok_or_else(|| {
-                        io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("listening on unknown handle {hid}"),
-                        )
-                    })?;
+                let Some(addr) = self.handles.get(&hid).map(|h| h.address.clone()) else {
+                    if hid < self.next_handle {
+                        // Closed between our reply and this frame (a
+                        // disconnect_all raced the worker's start): stale, fine.
+                        return Ok(());
+                    }
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("listening on unknown handle {hid}"),
+                    ));
+                };
                 if let Some(s) = self.workers.get_mut(&id) {
                     if s.state == State::Online {
                         s.state = State::Listening;
@@ -903,7 +914,7 @@ impl Primary {
                 match shared::bind(&q.endpoint, backlog) {
                     Ok((fd, address)) => self.add_handle(key, fd, address)?,
                     Err(e) => {
-                        let body = protocol::encode_reply_err(&e);
+                        let body = protocol::encode_reply_err(shared::errno_of(&e), &e);
                         return self.send_frame(
                             id,
                             Kind::QueryReply,

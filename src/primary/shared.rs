@@ -40,8 +40,40 @@ fn tcp_listener(addr: SocketAddr, v6only: Option<bool>, backlog: i32) -> io::Res
     Ok(fd)
 }
 
+/// A bind error that names the address and keeps the errno, so the
+/// worker's `listen()` gets the same `ErrorKind` (`AddrInUse`, ...).
+#[derive(Debug)]
+pub(crate) struct Named {
+    pub errno: Option<i32>,
+    pub text: String,
+}
+
+impl std::fmt::Display for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for Named {}
+
 fn named(e: io::Error, what: &str) -> io::Error {
-    io::Error::new(e.kind(), format!("listen on {what}: {e}"))
+    let errno = e.raw_os_error();
+    io::Error::new(
+        e.kind(),
+        Named {
+            errno,
+            text: format!("listen on {what}: {e}"),
+        },
+    )
+}
+
+/// The errno behind an error, also through a [`Named`] wrapper.
+pub(crate) fn errno_of(e: &io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| {
+        e.get_ref()
+            .and_then(|i| i.downcast_ref::<Named>())
+            .and_then(|n| n.errno)
+    })
 }
 
 /// Binds and listens on `endpoint`; the error names the address. No host

@@ -1,0 +1,693 @@
+//! `cluster_probe`: the scriptable cluster the integration tests drive.
+//!
+//! One program, primary or worker by `syncluster::role()` (except the raw
+//! channel modes below). It is also a compact tour of the API: the primary
+//! is one [`Primary::next_event_timeout`] loop with stdin registered in it,
+//! the worker one [`Worker::next_event`] loop.
+//!
+//! # Primary
+//!
+//! Reads commands from stdin, one per line (fd 0 is registered with
+//! `Primary::register(fd, 0, Interest::READABLE)`; what is available is read
+//! on `Event::Ready` and split into lines; when `next_event_timeout(Some(100ms))`
+//! returns `None` and `primary.workers()` is empty, stdin is polled again with
+//! a blocking-with-timeout wait — never a busy loop). Prints one line per
+//! event or answer to stdout and flushes after each line. EOF on stdin:
+//! SIGKILL all workers, reap them, exit 0.
+//!
+//! Commands (each answers `ok <word>` or `err <word> <message>`, except where
+//! another answer is named):
+//! - `set exec PATH` | `set args A B ...` | `set cwd DIR` | `set policy rr|shared` |
+//!   `set window N` | `set queue N` | `set backlog N` | `set hang MS` (0 = off)
+//! - `fork [KEY=VALUE ...]` → `forked <id>` (or `err fork <msg>`); the Fork
+//!   event prints `fork <id>` too
+//! - `send <id> <text...>` ; `sendfd <id> <text...>`: sends the text with one
+//!   fd, the read end of a pipe whose write end got `fdtext` and was closed
+//! - `kill <id> <signum>` ; `disconnect <id> [timeout_ms]` ;
+//!   `disconnect_all [timeout_ms]` ; `unroute <id>`
+//! - `workers` → `workers <id>:<state>:<ead>:<inflight>,...` (state lowercase:
+//!   none|online|listening|disconnected|dead; empty list → `workers `)
+//! - `fds` → `fds <count of /proc/self/fd entries>` ; `rss` → `rss <VmRSS kB>` ;
+//!   `zombies` → `zombies <n>` (children of this pid in state Z, from /proc/*/stat)
+//! - `addresses` → `addresses <addr>,<addr>...` (primary.listening_addresses())
+//! - `exit` → exits 0 at once without touching workers (to test primary
+//!   death; use `kill -9` of the probe for the hard case)
+//! - `pids` → `pids <id>:<pid>,...` (addition for the tests: which processes
+//!   to kill when a test ends)
+//! - `child PROGRAM [ARGS...]` → `child <pid>`: spawns a process of the
+//!   primary's own (not a worker) with `std::process::Command`, stdio null;
+//!   `waitchild` → `waitchild code=<c>` or `waitchild signal=<n>` once it
+//!   ended (5 s at most), or `err waitchild <msg>` (additions for the
+//!   tests: the cluster must not reap children that are not its workers)
+//!
+//! Event lines:
+//! `fork <id>` | `online <id>` | `listening <id> <addr>` |
+//! `message <id> <text> fds=<n>` (payload as UTF-8, lossy; a newline in it is
+//! printed as `\n` so that one event stays one line) | `disconnect <id>` |
+//! `exit <id> code=<c> ead=<true|false>` or `exit <id> signal=<n> ead=<..>` |
+//! `signal <n>` | `error <id> <message>` | `hung <id>` | `ready ...` is never
+//! printed for stdin.
+//!
+//! # Worker
+//!
+//! The mode comes from the env var `PROBE_MODE`, default `idle`; set it per
+//! fork: `fork PROBE_MODE=listen PROBE_ADDR=127.0.0.1:0`.
+//!
+//! Every worker handles these messages from the primary (in every mode that
+//! runs the loop): `echo X` → sends `echo:X`; a message with fds → reads each
+//! fd to EOF, sends `fdread:<content>`; `exit N` → process exit N;
+//! `disconnect` → `worker.disconnect()` then exit 0; `env NAME` →
+//! `env:<value or <unset>>`; `cwd` → `cwd:<path>`; `argv` → `argv:<args after
+//! argv0, space-joined>`; `fdlist` → `fdlist:<sorted /proc/self/fd numbers,
+//! comma-joined>`; `close` → drops all listeners, sends `closed`; `relisten` →
+//! listens again on PROBE_ADDR (each address), sends `listening:<addr>` per
+//! listener. Additions for the tests: `sleep MS` → sends `sleeping:MS`,
+//! blocks MS milliseconds (deaf to the channel meanwhile), then sends
+//! `slept:MS`; `burst N` → sends `burst:0` .. `burst:<N-1>` then exits 3 at
+//! once; `givefd` → sends `givefd` with one fd, a pipe holding `giventext`.
+//! Anything else → `unknown:<text>`.
+//!
+//! On `Event::Disconnect`: sends `served:<n>` (connections served) then exits
+//! with `PROBE_DISCONNECT_CODE` (default 0).
+//!
+//! Modes:
+//! - `idle`: the loop above, no listener.
+//! - `exit42`: exits 42 right after role() (so it was online).
+//! - `listen`: listens on every comma-separated address in `PROBE_ADDR`
+//!   (default `127.0.0.1:0`), with `PROBE_BACKLOG` if set; a listen error sends
+//!   `listen-error:<addr>:<io::ErrorKind debug>:<message>` and goes on; success
+//!   sends `listening:<resolved addr>`. Then the `worker.next_event()` loop: on
+//!   `Connection(_, stream)`: if `PROBE_SLOW_MS` is set sleep that long; write
+//!   `worker <id>\n`, close; count it. For a Unix listener the same line is
+//!   written.
+//! - `accept`: the simplest worker: one listener on PROBE_ADDR,
+//!   `for s in listener.incoming()` write `worker <id>\n`; after the loop ends
+//!   send `served:<n>` and exit 0. (A listen error sends `listen-error:...`
+//!   and exits 1.)
+//! - `hang`: listens on PROBE_ADDR, takes one connection and then sleeps
+//!   forever without answering.
+//! - raw channel modes, which do NOT call role(): read `SYNCLUSTER_CHANNEL_FD`,
+//!   `syncluster::sys::inherit::adopt_channel(fd)`, send an Online frame
+//!   properly first (`wire::Header{kind: Online, flags:0, nfds:0, seq:0,
+//!   len:0}.encode()` via `sys::msg::send`), then: `garbage` (64 pseudo-random
+//!   bytes), `oversize` (a User header announcing 100 MiB), `badfds` (a User
+//!   header announcing 2 fds sent with 1 fd), `badkind` (a well-formed
+//!   `NewConn` frame, which a worker may not send); then sleep 30 s (the
+//!   primary must kill it).
+//!
+//! # Errors
+//!
+//! An error from `role()` (a malformed `SYNCLUSTER_*` variable) is printed as
+//! `error: <e>` on stderr and the process exits 2. Any other error ends the
+//! process with `error: <e>` on stderr and exit 1.
+
+use std::fs::File;
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::exit;
+use std::time::Duration;
+
+use syncluster::ipc::wire::{Header, Kind};
+use syncluster::primary::{Event, ExitStatus, State, ENV_CHANNEL_FD};
+use syncluster::worker::{Event as WorkerEvent, Interest, Listener};
+use syncluster::{sys, Policy, Primary, Role, Worker};
+
+/// The token stdin is registered with in the primary's loop.
+const STDIN: u64 = 0;
+const SIGKILL: i32 = 9;
+const RAW_MODES: [&str; 4] = ["garbage", "oversize", "badfds", "badkind"];
+
+fn main() {
+    let mode = std::env::var("PROBE_MODE").unwrap_or_else(|_| "idle".to_string());
+    if RAW_MODES.contains(&mode.as_str()) && std::env::var_os(ENV_CHANNEL_FD).is_some() {
+        if let Err(e) = raw_worker(&mode) {
+            eprintln!("error: {e}");
+        }
+        exit(1);
+    }
+    let role = match syncluster::role() {
+        Ok(role) => role,
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit(2);
+        }
+    };
+    let result = match role {
+        Role::Primary(primary) => run_primary(primary),
+        Role::Worker(worker) => run_worker(worker, &mode),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        exit(1);
+    }
+}
+
+// ---------------------------------------------------------------- primary
+
+/// Prints one line and flushes. A closed stdout is ignored: stdin's EOF
+/// follows and ends the probe.
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// The primary's state besides the [`Primary`]: the last `child` spawned.
+#[derive(Default)]
+struct Extra {
+    child: Option<std::process::Child>,
+}
+
+fn run_primary(mut primary: Primary) -> io::Result<()> {
+    // A duplicate of fd 0 read with plain read(2): std's buffered stdin
+    // could keep bytes that epoll would then never report.
+    let mut stdin = File::from(io::stdin().as_fd().try_clone_to_owned()?);
+    primary.register(stdin.as_fd(), STDIN, Interest::READABLE)?;
+    let mut pending = Vec::new();
+    let mut extra = Extra::default();
+    loop {
+        let ready = match primary.next_event_timeout(Some(Duration::from_millis(100)))? {
+            Some(Event::Ready(STDIN, _)) => true,
+            Some(ev) => {
+                say(&event_line(ev));
+                false
+            }
+            // With no workers the primary's loop returns at once without
+            // waiting, so wait on stdin here (100 ms at most).
+            None if primary.workers().is_empty() => {
+                let mut revents = [0i16; 1];
+                sys::poll::poll(
+                    &[(stdin.as_fd(), sys::poll::IN)],
+                    &mut revents,
+                    Some(Duration::from_millis(100)),
+                )?;
+                revents[0] != 0
+            }
+            None => false,
+        };
+        if ready && !read_commands(&mut primary, &mut extra, &mut stdin, &mut pending)? {
+            primary.deregister(stdin.as_fd())?;
+            return shutdown(primary);
+        }
+    }
+}
+
+/// Reads what stdin has and runs every complete line; `false` at EOF.
+fn read_commands(
+    primary: &mut Primary,
+    extra: &mut Extra,
+    stdin: &mut File,
+    pending: &mut Vec<u8>,
+) -> io::Result<bool> {
+    let mut chunk = [0u8; 64 * 1024];
+    let n = match stdin.read(&mut chunk) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    if n == 0 {
+        return Ok(false);
+    }
+    pending.extend_from_slice(&chunk[..n]);
+    while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = pending.drain(..=pos).collect();
+        let line = String::from_utf8_lossy(&line);
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let word = line.split(' ').next().unwrap_or_default();
+        match command(primary, extra, line) {
+            Ok(Some(answer)) => say(&answer),
+            Ok(None) => say(&format!("ok {word}")),
+            Err(msg) => say(&format!("err {word} {msg}")),
+        }
+    }
+    Ok(true)
+}
+
+/// stdin closed: SIGKILL every worker and reap them (5 s at most), exit 0.
+fn shutdown(mut primary: Primary) -> io::Result<()> {
+    for w in primary.workers() {
+        let _ = primary.kill(w.id, SIGKILL);
+    }
+    // Until every Exit is printed: `None` comes once no worker is left and
+    // no event is queued.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        match primary.next_event_timeout(Some(Duration::from_millis(100)))? {
+            Some(ev) => say(&event_line(ev)),
+            None if primary.workers().is_empty() => break,
+            None => {}
+        }
+    }
+    exit(0);
+}
+
+fn event_line(ev: Event) -> String {
+    match ev {
+        Event::Fork(id) => format!("fork {id}"),
+        Event::Online(id) => format!("online {id}"),
+        Event::Listening(id, addr) => format!("listening {id} {addr}"),
+        Event::Message(id, bytes, fds) => format!(
+            "message {id} {} fds={}",
+            String::from_utf8_lossy(&bytes).replace('\n', "\\n"),
+            fds.len()
+        ),
+        Event::Disconnect(id) => format!("disconnect {id}"),
+        Event::Exit(id, ExitStatus::Code(c), ead) => format!("exit {id} code={c} ead={ead}"),
+        Event::Exit(id, ExitStatus::Signal(s), ead) => format!("exit {id} signal={s} ead={ead}"),
+        Event::Signal(sig) => format!("signal {sig}"),
+        Event::Error(id, e) => format!("error {id} {e}"),
+        Event::Hung(id) => format!("hung {id}"),
+        Event::Ready(token, r) => format!("ready {token} {r:?}"),
+    }
+}
+
+fn num<T: std::str::FromStr>(arg: Option<&str>, what: &str) -> Result<T, String> {
+    let arg = arg.ok_or_else(|| format!("missing {what}"))?;
+    arg.parse().map_err(|_| format!("bad {what} {arg:?}"))
+}
+
+fn ms(arg: Option<&str>) -> Result<Option<Duration>, String> {
+    match arg {
+        None => Ok(None),
+        some => num(some, "timeout_ms").map(|n| Some(Duration::from_millis(n))),
+    }
+}
+
+/// Runs one command. `Ok(None)` prints `ok <word>`; `Ok(Some(line))` prints
+/// that line; `Err(msg)` prints `err <word> <msg>`.
+fn command(p: &mut Primary, extra: &mut Extra, line: &str) -> Result<Option<String>, String> {
+    let mut words = line.split(' ').filter(|w| !w.is_empty());
+    let word = words.next().unwrap_or_default();
+    let err = |e: io::Error| e.to_string();
+    match word {
+        "set" => set(p, words.next().unwrap_or_default(), words.collect()).map(|()| None),
+        "fork" => {
+            let mut env = Vec::new();
+            for kv in words {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| format!("{kv:?} is not KEY=VALUE"))?;
+                env.push((k, v));
+            }
+            let id = p.fork_with_env(&env).map_err(err)?;
+            Ok(Some(format!("forked {id}")))
+        }
+        "send" | "sendfd" => {
+            // The text keeps its spaces: split the line itself, not words.
+            let mut parts = line.splitn(3, ' ');
+            parts.next();
+            let id: u32 = num(parts.next(), "id")?;
+            let text = parts.next().unwrap_or_default();
+            if word == "send" {
+                p.send(id, text.as_bytes(), &[]).map_err(err)?;
+            } else {
+                let fd = pipe_holding(b"fdtext").map_err(err)?;
+                p.send(id, text.as_bytes(), &[fd.as_fd()]).map_err(err)?;
+                // `fd` closes here: the channel sent it, or queued a dup.
+            }
+            Ok(None)
+        }
+        "kill" => {
+            let id = num(words.next(), "id")?;
+            let sig = num(words.next(), "signum")?;
+            p.kill(id, sig).map_err(err).map(|()| None)
+        }
+        "disconnect" => {
+            let id = num(words.next(), "id")?;
+            let timeout = ms(words.next())?;
+            p.disconnect(id, timeout).map_err(err).map(|()| None)
+        }
+        "disconnect_all" => {
+            let timeout = ms(words.next())?;
+            p.disconnect_all(timeout).map_err(err).map(|()| None)
+        }
+        "unroute" => {
+            p.unroute(num(words.next(), "id")?);
+            Ok(None)
+        }
+        "workers" => {
+            let list: Vec<String> = p
+                .workers()
+                .iter()
+                .map(|w| {
+                    let state = match w.state {
+                        State::None => "none",
+                        State::Online => "online",
+                        State::Listening => "listening",
+                        State::Disconnected => "disconnected",
+                        State::Dead => "dead",
+                    };
+                    format!(
+                        "{}:{state}:{}:{}",
+                        w.id, w.exited_after_disconnect, w.in_flight
+                    )
+                })
+                .collect();
+            Ok(Some(format!("workers {}", list.join(","))))
+        }
+        "pids" => {
+            let list: Vec<String> = p
+                .workers()
+                .iter()
+                .map(|w| format!("{}:{}", w.id, w.pid))
+                .collect();
+            Ok(Some(format!("pids {}", list.join(","))))
+        }
+        "fds" => {
+            let n = std::fs::read_dir("/proc/self/fd").map_err(err)?.count();
+            Ok(Some(format!("fds {n}")))
+        }
+        "rss" => {
+            let status = std::fs::read_to_string("/proc/self/status").map_err(err)?;
+            let kb = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .ok_or("no VmRSS line in /proc/self/status")?;
+            Ok(Some(format!("rss {kb}")))
+        }
+        "zombies" => Ok(Some(format!("zombies {}", zombie_children()))),
+        "addresses" => {
+            let list: Vec<String> = p
+                .listening_addresses()
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+            Ok(Some(format!("addresses {}", list.join(","))))
+        }
+        "child" => {
+            let program = words.next().ok_or("missing PROGRAM")?;
+            let child = std::process::Command::new(program)
+                .args(words)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(err)?;
+            let pid = child.id();
+            extra.child = Some(child);
+            Ok(Some(format!("child {pid}")))
+        }
+        "waitchild" => {
+            let child = extra.child.as_mut().ok_or("no child")?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Some(status) = child.try_wait().map_err(err)? {
+                    use std::os::unix::process::ExitStatusExt;
+                    extra.child = None;
+                    return Ok(Some(match (status.code(), status.signal()) {
+                        (Some(c), _) => format!("waitchild code={c}"),
+                        (None, s) => format!("waitchild signal={}", s.unwrap_or(0)),
+                    }));
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err("still running after 5 s".to_string());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        "exit" => exit(0),
+        _ => Err("unknown command".to_string()),
+    }
+}
+
+fn set(p: &mut Primary, what: &str, args: Vec<&str>) -> Result<(), String> {
+    let one = args.first().copied();
+    match what {
+        "exec" => p.settings_mut().exec = Some(PathBuf::from(one.ok_or("missing PATH")?)),
+        "args" => p.settings_mut().args = Some(args.iter().map(Into::into).collect()),
+        "cwd" => p.settings_mut().cwd = Some(PathBuf::from(one.ok_or("missing DIR")?)),
+        "policy" => {
+            let name = one.ok_or("missing policy")?;
+            p.settings_mut().policy =
+                Policy::parse(name).ok_or_else(|| format!("bad policy {name:?}"))?;
+        }
+        "window" => p.settings_mut().window = num(one, "window")?,
+        "queue" => p.settings_mut().queue_limit = num(one, "queue")?,
+        "backlog" => p.settings_mut().backlog = num(one, "backlog")?,
+        "hang" => {
+            let n: u64 = num(one, "hang")?;
+            p.set_hang_timeout((n > 0).then(|| Duration::from_millis(n)));
+        }
+        _ => return Err(format!("unknown setting {what:?}")),
+    }
+    Ok(())
+}
+
+/// Children of this process in state Z, from `/proc/*/stat`.
+fn zombie_children() -> usize {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            // "pid (comm) state ppid ...": comm may hold spaces and parens.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let mut f = rest.split_whitespace();
+            f.next() == Some("Z") && f.next() == Some(me.as_str())
+        })
+        .count()
+}
+
+/// The read end of a pipe whose write end got `content` and was closed.
+fn pipe_holding(content: &[u8]) -> io::Result<OwnedFd> {
+    let (read_end, write_end) = sys::process::pipe()?;
+    File::from(write_end).write_all(content)?;
+    Ok(read_end)
+}
+
+// ---------------------------------------------------------------- worker
+
+struct Probe {
+    worker: Worker,
+    listeners: Vec<Listener>,
+    served: u64,
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+fn run_worker(worker: Worker, mode: &str) -> io::Result<()> {
+    let mut probe = Probe {
+        worker,
+        listeners: Vec::new(),
+        served: 0,
+    };
+    match mode {
+        "idle" => probe.run(),
+        "exit42" => exit(42),
+        "listen" => {
+            probe.listen_all()?;
+            probe.run()
+        }
+        "accept" => probe.accept_loop(),
+        "hang" => {
+            let addr = env_or("PROBE_ADDR", "127.0.0.1:0");
+            let listener = probe.worker.listen(&addr)?;
+            // Hold the listener and the connection, answer nothing.
+            let _held = (&listener, listener.accept_stream()?);
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("unknown PROBE_MODE {other:?}"),
+        )),
+    }
+}
+
+impl Probe {
+    fn say(&self, text: &str) -> io::Result<()> {
+        self.worker.send(text.as_bytes(), &[])
+    }
+
+    /// Listens on each address of `PROBE_ADDR`, reporting each outcome.
+    fn listen_all(&mut self) -> io::Result<()> {
+        let backlog = env_num("PROBE_BACKLOG").unwrap_or(0);
+        for addr in env_or("PROBE_ADDR", "127.0.0.1:0").split(',') {
+            match self.worker.listen_with_backlog(addr, backlog) {
+                Ok(l) => {
+                    self.say(&format!("listening:{}", l.address()))?;
+                    self.listeners.push(l);
+                }
+                Err(e) => self.say(&format!("listen-error:{addr}:{:?}:{e}", e.kind()))?,
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        let slow = env_num::<u64>("PROBE_SLOW_MS").map(Duration::from_millis);
+        loop {
+            match self.worker.next_event()? {
+                WorkerEvent::Connection(_, mut stream) => {
+                    if let Some(d) = slow {
+                        std::thread::sleep(d);
+                    }
+                    // The client may be gone already; that is its business.
+                    let _ = writeln!(stream, "worker {}", self.worker.id());
+                    self.served += 1;
+                }
+                WorkerEvent::Message(bytes, fds) => self.on_message(&bytes, fds)?,
+                WorkerEvent::Disconnect => {
+                    let _ = self.say(&format!("served:{}", self.served));
+                    exit(env_num("PROBE_DISCONNECT_CODE").unwrap_or(0));
+                }
+                WorkerEvent::Ready(..) => {}
+            }
+        }
+    }
+
+    fn accept_loop(&mut self) -> io::Result<()> {
+        let addr = env_or("PROBE_ADDR", "127.0.0.1:0");
+        let listener = match self.worker.listen(&addr) {
+            Ok(l) => l,
+            Err(e) => {
+                self.say(&format!("listen-error:{addr}:{:?}:{e}", e.kind()))?;
+                exit(1);
+            }
+        };
+        let id = self.worker.id();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let _ = writeln!(stream, "worker {id}");
+            self.served += 1;
+        }
+        let _ = self.say(&format!("served:{}", self.served));
+        exit(0);
+    }
+
+    fn on_message(&mut self, bytes: &[u8], fds: Vec<OwnedFd>) -> io::Result<()> {
+        if !fds.is_empty() {
+            let mut content = String::new();
+            for fd in fds {
+                File::from(fd).read_to_string(&mut content)?;
+            }
+            return self.say(&format!("fdread:{content}"));
+        }
+        let text = String::from_utf8_lossy(bytes);
+        let (verb, arg) = text.split_once(' ').unwrap_or((&text, ""));
+        match verb {
+            "echo" => self.say(&format!("echo:{arg}")),
+            "exit" => exit(arg.trim().parse().unwrap_or(1)),
+            "disconnect" => {
+                self.worker.disconnect()?;
+                exit(0);
+            }
+            "env" => {
+                let value = std::env::var(arg).unwrap_or_else(|_| "<unset>".to_string());
+                self.say(&format!("env:{value}"))
+            }
+            "cwd" => self.say(&format!("cwd:{}", std::env::current_dir()?.display())),
+            "argv" => {
+                let args: Vec<String> = std::env::args().skip(1).collect();
+                self.say(&format!("argv:{}", args.join(" ")))
+            }
+            "fdlist" => {
+                let mut fds: Vec<u32> = std::fs::read_dir("/proc/self/fd")?
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect();
+                fds.sort_unstable();
+                let list: Vec<String> = fds.iter().map(u32::to_string).collect();
+                self.say(&format!("fdlist:{}", list.join(",")))
+            }
+            "close" => {
+                self.listeners.clear();
+                self.say("closed")
+            }
+            "relisten" => self.listen_all(),
+            "sleep" => {
+                let n: u64 = arg.trim().parse().unwrap_or(0);
+                self.say(&format!("sleeping:{n}"))?;
+                std::thread::sleep(Duration::from_millis(n));
+                self.say(&format!("slept:{n}"))
+            }
+            "burst" => {
+                let n: u32 = arg.trim().parse().unwrap_or(0);
+                for i in 0..n {
+                    self.say(&format!("burst:{i}"))?;
+                }
+                exit(3);
+            }
+            "givefd" => {
+                let fd = pipe_holding(b"giventext")?;
+                self.worker.send(b"givefd", &[fd.as_fd()])
+            }
+            _ => self.say(&format!("unknown:{text}")),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- raw modes
+
+/// Writes all of `bytes` on `fd`, the `fds` riding on the first byte.
+fn send_raw(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let with = if sent == 0 { fds } else { &[] };
+        sent += sys::msg::send(fd, &[IoSlice::new(&bytes[sent..])], with, false)?;
+    }
+    Ok(())
+}
+
+/// A worker that breaks the protocol on purpose, after a proper Online.
+fn raw_worker(mode: &str) -> io::Result<()> {
+    let raw = std::env::var(ENV_CHANNEL_FD)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad channel fd"))?;
+    let channel = sys::inherit::adopt_channel(raw)?;
+    let ch = channel.as_fd();
+    let header = |kind, nfds, len| {
+        Header {
+            kind,
+            flags: 0,
+            nfds,
+            seq: 0,
+            len,
+        }
+        .encode()
+    };
+    send_raw(ch, &header(Kind::Online, 0, 0), &[])?;
+    match mode {
+        "garbage" => {
+            // xorshift64 from a fixed seed: the same 64 bytes every run,
+            // which do not start with the frame magic.
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            let bytes: Vec<u8> = (0..64)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
+                .collect();
+            assert_ne!(&bytes[..2], &[0x43, 0x53]);
+            send_raw(ch, &bytes, &[])?;
+        }
+        "oversize" => send_raw(ch, &header(Kind::User, 0, 100 << 20), &[])?,
+        "badfds" => {
+            let mut frame = header(Kind::User, 2, 4).to_vec();
+            frame.extend_from_slice(b"fds!");
+            let fd = pipe_holding(b"x")?;
+            send_raw(ch, &frame, &[fd.as_fd()])?;
+        }
+        "badkind" => send_raw(ch, &header(Kind::NewConn, 0, 0), &[])?,
+        _ => unreachable!("checked by main"),
+    }
+    std::thread::sleep(Duration::from_secs(30));
+    Ok(())
+}
