@@ -72,6 +72,14 @@ pub mod protocol;
 pub mod supervisor;
 pub mod worker;
 
+/// Signal numbers the primary reports as [`primary::Event::Signal`], and
+/// the ones a program commonly sends to workers.
+pub mod signal {
+    pub use crate::sys::signal::{
+        SIGCHLD, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
+    };
+}
+
 use std::io;
 
 pub use primary::{Event as PrimaryEvent, Primary, Settings};

@@ -270,6 +270,12 @@ impl Channel {
         }
     }
 
+    /// True when received bytes wait in the buffer. Poll on the fd will not
+    /// report them: read them with [`Channel::try_recv`] before waiting.
+    pub fn has_buffered(&self) -> bool {
+        self.head != self.tail
+    }
+
     /// True once the peer's end is closed and every buffered frame was read.
     pub fn is_eof(&self) -> bool {
         self.eof && self.head == self.tail

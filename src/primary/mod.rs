@@ -428,7 +428,7 @@ impl Primary {
         self.workers.get_mut(&id)?.stderr.take()
     }
 
-    /// Live workers (until their `Exit` event), by id.
+    /// Workers by id, until their `Exit` event has been returned.
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.workers
             .iter()
@@ -519,8 +519,16 @@ impl Primary {
     pub fn disconnect_all(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         let ids: Vec<u32> = self.handles.keys().copied().collect();
         for hid in ids {
-            self.accept_ready(hid, true);
-            self.distribute(hid, true);
+            // Round robin: sweep the kernel backlog to the workers ahead of
+            // their disconnect request. Shared: the workers drain it.
+            if self
+                .handles
+                .get(&hid)
+                .is_some_and(|h| h.policy == Policy::RoundRobin)
+            {
+                self.accept_ready(hid, true);
+                self.distribute(hid, true);
+            }
             self.close_handle(hid);
         }
         let workers: Vec<u32> = self.workers.keys().copied().collect();
@@ -563,6 +571,9 @@ impl Primary {
         let until = timeout.map(|t| Instant::now() + t);
         loop {
             if let Some(ev) = self.events.pop_front() {
+                if let Event::Exit(id, ..) = ev {
+                    self.workers.remove(&id);
+                }
                 return Ok(Some(ev));
             }
             if self.workers.is_empty() && until.is_none() {
@@ -590,7 +601,14 @@ impl Primary {
                 .filter(|s| !s.in_flight.is_empty() && s.exit.is_none())
                 .map(move |s| s.progress + t)
         });
-        kills.chain(paused).chain(hangs).min()
+        // Connections queued behind a busy worker: look again when its turn
+        // may be forfeit.
+        let stalled = self
+            .handles
+            .values()
+            .any(|h| h.policy == Policy::RoundRobin && !h.queue.is_empty() && !h.workers.is_empty())
+            .then(|| Instant::now() + STALL);
+        kills.chain(paused).chain(hangs).chain(stalled).min()
     }
 
     // One epoll_wait and everything it reports.
@@ -649,6 +667,15 @@ impl Primary {
                 self.abort_worker(id);
             }
         }
+        let queued: Vec<u32> = self
+            .handles
+            .iter()
+            .filter(|(_, h)| !h.queue.is_empty())
+            .map(|(&id, _)| id)
+            .collect();
+        for hid in queued {
+            self.distribute(hid, false);
+        }
         let resume: Vec<u32> = self
             .handles
             .iter()
@@ -696,13 +723,14 @@ impl Primary {
             };
             if let Some(s) = self.workers.get_mut(&id) {
                 s.exit = Some(status);
-                s.state = State::Dead;
             }
             // Frames it wrote before dying are still readable: deliver them,
             // then Disconnect, then Exit.
             self.read_worker(id);
             self.close_channel(id);
-            if let Some(s) = self.workers.remove(&id) {
+            // The slot stays (state Dead) until this Exit is handed out.
+            if let Some(s) = self.workers.get_mut(&id) {
+                s.state = State::Dead;
                 self.events
                     .push_back(Event::Exit(id, status, s.exited_after_disconnect));
             }

@@ -297,6 +297,25 @@ impl Worker {
         sys::fd::dup(self.inner.borrow().channel.as_fd())
     }
 
+    /// Leaves SIGINT and SIGTERM to the primary: this worker ignores them,
+    /// so a Ctrl-C to the process group (or a service manager signalling
+    /// every process) lets the primary run a graceful stop instead of
+    /// killing workers mid-request. The primary's death then kills the
+    /// worker with SIGKILL (`PR_SET_PDEATHSIG`), as well as closing its channel.
+    pub fn leave_stop_signals_to_primary(&self) -> io::Result<()> {
+        sys::signal::set_ignored(sys::signal::SIGINT, true)?;
+        sys::signal::set_ignored(sys::signal::SIGTERM, true)?;
+        sys::process::set_pdeathsig(sys::signal::SIGKILL)?;
+        if sys::process::getppid() == 1 {
+            // The primary died before the new death signal was armed.
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the primary is gone",
+            ));
+        }
+        Ok(())
+    }
+
     /// True once the primary asked for a disconnect, or died.
     pub fn is_disconnecting(&self) -> bool {
         let i = self.inner.borrow();
@@ -372,6 +391,10 @@ impl Worker {
             queue: VecDeque::new(),
         }));
         inner.channel.send(Kind::Listening, 0, handle, &[], &[])?;
+        // The blocking reply read may have pulled in later frames too.
+        if inner.channel.has_buffered() {
+            inner.read_channel(false)?;
+        }
         drop(inner);
         Ok(Listener {
             inner: self.inner.clone(),
@@ -631,6 +654,11 @@ impl Inner {
 
     // One epoll_wait over the channel, shared listeners and user fds.
     fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if self.channel.has_buffered() {
+            // A blocking read may have pulled in more than one frame; epoll
+            // would never report those.
+            return self.read_channel(false);
+        }
         let mut evs = std::mem::replace(&mut self.events_buf, epoll::Events::with_capacity(1));
         let res = self.epoll.wait(&mut evs, timeout);
         let mut out = Ok(());
@@ -686,10 +714,20 @@ impl Inner {
 
     // Stops taking connections: shared listeners close; round-robin
     // connections already handed over stay queued and are still served.
+    // Stops taking connections. Round-robin connections already handed over
+    // stay queued and are still served; a shared listener's backlog is
+    // drained first, so what the kernel accepted before the stop is served.
     fn stop_listening(&mut self) {
-        for l in self.listeners.iter_mut().flatten() {
-            if let Some(fd) = l.shared.take() {
-                let _ = self.epoll.delete(fd.as_fd());
+        for idx in 0..self.listeners.len() {
+            let Some(l) = self.listeners[idx].as_mut() else {
+                continue;
+            };
+            let Some(fd) = l.shared.take() else { continue };
+            let _ = self.epoll.delete(fd.as_fd());
+            let unix = l.unix;
+            while let Ok(conn) = sys::socket::accept(fd.as_fd(), false) {
+                self.pending
+                    .push_back(Event::Connection(idx, to_stream(conn, unix)));
             }
         }
     }
@@ -815,6 +853,10 @@ impl Listener {
             if inner.disconnect_requested || inner.primary_gone {
                 inner.stop_listening();
                 return Err(disconnecting());
+            }
+            if inner.channel.has_buffered() {
+                inner.read_channel(false)?;
+                continue;
             }
             let mut rev = [0i16; 2];
             if shared {
