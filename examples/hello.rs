@@ -16,7 +16,7 @@
 //! stalls or sends garbage costs only its own connection.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use syncluster::primary::{Address, Event as PrimaryEvent, ExitStatus};
 use syncluster::protocol::Endpoint;
 use syncluster::worker::{Event as WorkerEvent, Interest, Readiness, Stream};
+use syncluster::supervisor::{self, Notice, Supervisor};
 use syncluster::{Policy, Primary, Role, Worker};
 
 const USAGE: &str = "\
@@ -44,11 +45,6 @@ environment: HELLO_READ_TIMEOUT_MS  idle / header read timeout (default 10000)
 
 /// Exit status of a worker that could not listen: starting more is futile.
 const EXIT_LISTEN_FAILED: u8 = 3;
-/// Linux signal numbers (the crate is Linux-only).
-const SIGINT: i32 = 2;
-const SIGTERM: i32 = 15;
-/// How long a graceful stop waits before workers are killed.
-const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
     let opts = match parse_args(std::env::args_os().skip(1)) {
@@ -68,7 +64,7 @@ fn main() -> ExitCode {
         std::env::remove_var("SYNCLUSTER_SCHED_POLICY");
     }
     let result = match syncluster::role() {
-        Ok(Role::Primary(primary)) => Cluster::new(primary, opts).run(),
+        Ok(Role::Primary(primary)) => Cluster::start(primary, &opts).and_then(Cluster::run),
         Ok(Role::Worker(worker)) => serve(&worker, &opts),
         Err(e) => {
             eprintln!("hello: {e}");
@@ -189,60 +185,47 @@ fn say(line: &str) {
 }
 
 // ---------------------------------------------------------------------------
-// The primary: fork, announce, replace the dead, stop gracefully.
+// The primary: the crate's supervisor does the operations (respawn with
+// backoff, graceful stop on SIGTERM/SIGINT, immediate stop on SIGQUIT,
+// rolling reload on SIGHUP, scaling on SIGTTIN/SIGTTOU); this only
+// announces, reports and collects the served counts.
 
 struct Cluster {
-    primary: Primary,
-    opts: Options,
-    /// Live workers that listen; the line is printed when all N do.
+    sup: Supervisor,
+    workers: usize,
+    /// Workers that listen; the line is printed when all N first do.
     listening: HashSet<u32>,
     announced: bool,
-    stopping: bool,
     /// A worker could not listen: stop, and exit non-zero.
     failed: bool,
-    born: HashMap<u32, Instant>,
-    respawn: Respawn,
     /// Connections served, as each worker reported before exiting.
     served: BTreeMap<u32, u64>,
 }
 
 impl Cluster {
-    fn new(mut primary: Primary, opts: Options) -> Cluster {
+    fn start(mut primary: Primary, opts: &Options) -> io::Result<Cluster> {
         if let Some(policy) = opts.policy {
             primary.settings_mut().policy = policy;
         }
-        Cluster {
-            primary,
-            opts,
+        let config = supervisor::Config {
+            workers: opts.workers,
+            ..supervisor::Config::default()
+        };
+        Ok(Cluster {
+            sup: Supervisor::start(primary, config)?,
+            workers: opts.workers,
             listening: HashSet::new(),
             announced: false,
-            stopping: false,
             failed: false,
-            born: HashMap::new(),
-            respawn: Respawn::new(),
             served: BTreeMap::new(),
-        }
+        })
     }
 
     fn run(mut self) -> io::Result<ExitCode> {
-        for _ in 0..self.opts.workers {
-            self.fork()?;
-        }
-        loop {
-            let wait = self.respawn.wait(Instant::now());
-            match self.primary.next_event_timeout(wait)? {
-                Some(ev) => self.on_event(ev)?,
-                // Without a timeout, `None` means every worker exited and
-                // every event (their reports included) was delivered.
-                None if wait.is_none() => break,
-                None => {}
-            }
-            while self.respawn.take_due(Instant::now()) {
-                self.fork_replacement();
-            }
-        }
-        if !self.stopping {
-            return Err(io::Error::new(io::ErrorKind::Other, "no worker left"));
+        // `None` once a stop finished: every worker exited and every event
+        // (their reports included) was delivered.
+        while let Some(notice) = self.sup.next_event()? {
+            self.on_notice(notice)?;
         }
         if self.failed {
             return Ok(ExitCode::FAILURE);
@@ -256,31 +239,39 @@ impl Cluster {
         Ok(ExitCode::SUCCESS)
     }
 
-    fn fork(&mut self) -> io::Result<u32> {
-        let id = self.primary.fork()?;
-        self.born.insert(id, Instant::now());
-        Ok(id)
-    }
-
-    fn fork_replacement(&mut self) {
-        if let Err(e) = self.fork() {
-            // An exec failure counts as one more rapid death.
-            eprintln!("hello: {e}; trying again");
-            self.respawn.on_death(Duration::ZERO);
-        }
-    }
-
-    fn on_event(&mut self, ev: PrimaryEvent) -> io::Result<()> {
-        match ev {
-            PrimaryEvent::Listening(id, addr) => self.on_listening(id, &addr),
-            PrimaryEvent::Message(id, bytes, _fds) => self.on_message(id, &bytes),
-            PrimaryEvent::Exit(id, status, after_disconnect) => {
-                self.on_exit(id, status, after_disconnect)?
+    fn on_notice(&mut self, notice: Notice) -> io::Result<()> {
+        match notice {
+            Notice::Cluster(PrimaryEvent::Listening(id, addr)) => self.on_listening(id, &addr),
+            Notice::Cluster(PrimaryEvent::Message(id, bytes, _fds)) => self.on_message(id, &bytes),
+            Notice::Cluster(PrimaryEvent::Exit(id, status, after_disconnect)) => {
+                self.listening.remove(&id);
+                if status == ExitStatus::Code(EXIT_LISTEN_FAILED as i32) {
+                    eprintln!("worker {id} could not listen; stopping");
+                    self.failed = true;
+                    return self.sup.stop();
+                }
+                if !after_disconnect {
+                    eprintln!("worker {id} died ({status})");
+                }
             }
-            PrimaryEvent::Signal(SIGTERM | SIGINT) => self.stop()?,
-            PrimaryEvent::Error(id, e) => eprintln!("worker {id}: {e}"),
-            PrimaryEvent::Hung(id) => eprintln!("worker {id} hung; killed"),
-            _ => {}
+            Notice::Cluster(PrimaryEvent::Error(id, e)) => eprintln!("worker {id}: {e}"),
+            Notice::Cluster(PrimaryEvent::Hung(id)) => eprintln!("worker {id} hung; killed"),
+            Notice::Cluster(_) | Notice::Ready => {}
+            Notice::Respawning { id, delay, .. } if delay.is_zero() => {
+                eprintln!("worker {id}: forking a replacement");
+            }
+            Notice::Respawning { id, delay, .. } => {
+                eprintln!("worker {id}: forking a replacement in {} ms", delay.as_millis());
+            }
+            Notice::CrashLoop { failures } => {
+                eprintln!("workers keep dying ({failures} in a row); backing off");
+            }
+            Notice::Stopping { graceful } => {
+                let how = if graceful { "gracefully" } else { "now" };
+                eprintln!("stopping {how}");
+            }
+            Notice::ForceKilled(ids) => eprintln!("graceful timeout: killed workers {ids:?}"),
+            other => eprintln!("{other:?}"),
         }
         Ok(())
     }
@@ -292,13 +283,13 @@ impl Cluster {
             return;
         }
         self.listening.insert(id);
-        if self.listening.len() >= self.opts.workers {
+        if self.listening.len() >= self.workers {
             self.announced = true;
-            let policy = self.primary.settings().policy.name();
+            let policy = self.sup.primary().settings().policy.name();
             // The primary's address has port 0 resolved.
             say(&format!(
                 "listening on http://{addr} ({} workers, {policy})",
-                self.opts.workers
+                self.workers
             ));
         }
     }
@@ -312,109 +303,14 @@ impl Cluster {
             self.served.insert(id, n);
         }
     }
-
-    fn on_exit(&mut self, id: u32, status: ExitStatus, after_disconnect: bool) -> io::Result<()> {
-        self.listening.remove(&id);
-        let lived = self
-            .born
-            .remove(&id)
-            .map_or(Duration::ZERO, |t| t.elapsed());
-        if self.stopping || after_disconnect {
-            return Ok(());
-        }
-        if status == ExitStatus::Code(EXIT_LISTEN_FAILED as i32) {
-            eprintln!("worker {id} could not listen; stopping");
-            self.failed = true;
-            return self.stop();
-        }
-        let delay = self.respawn.on_death(lived);
-        let when = if delay.is_zero() {
-            String::new()
-        } else {
-            format!(" in {} ms", delay.as_millis())
-        };
-        eprintln!("worker {id} died ({status}); forking a replacement{when}");
-        Ok(())
-    }
-
-    fn stop(&mut self) -> io::Result<()> {
-        if self.stopping {
-            return Ok(());
-        }
-        self.stopping = true;
-        self.respawn.cancel();
-        self.primary.disconnect_all(Some(GRACEFUL_TIMEOUT))
-    }
 }
 
-/// Paces replacements: at most one per `interval`, which doubles while
-/// workers keep dying young, so a crash loop is not a fork loop.
-struct Respawn {
-    pending: usize,
-    interval: Duration,
-    last: Option<Instant>,
-}
-
-impl Respawn {
-    const MIN: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(5);
-    /// A worker that lived this long did not die of how it was started.
-    const STABLE: Duration = Duration::from_secs(5);
-
-    fn new() -> Respawn {
-        Respawn {
-            pending: 0,
-            interval: Respawn::MIN,
-            last: None,
-        }
-    }
-
-    /// Schedules one replacement; returns how long until it is forked.
-    fn on_death(&mut self, lived: Duration) -> Duration {
-        self.pending += 1;
-        self.interval = if lived < Respawn::STABLE {
-            (self.interval * 2).min(Respawn::MAX)
-        } else {
-            Respawn::MIN
-        };
-        self.wait(Instant::now()).unwrap_or_default()
-    }
-
-    /// Time until the next replacement is due; `None` with none pending.
-    fn wait(&self, now: Instant) -> Option<Duration> {
-        if self.pending == 0 {
-            return None;
-        }
-        let next = self.last.map_or(now, |t| t + self.interval);
-        Some(next.saturating_duration_since(now))
-    }
-
-    fn take_due(&mut self, now: Instant) -> bool {
-        if self.wait(now) != Some(Duration::ZERO) {
-            return false;
-        }
-        self.pending -= 1;
-        self.last = Some(now);
-        true
-    }
-
-    fn cancel(&mut self) {
-        self.pending = 0;
-    }
-}
-
-// ---------------------------------------------------------------------------
-// A worker: listen through the primary, serve until told to stop, report.
-
+/// A worker: listen through the primary and serve until told to stop.
 fn serve(worker: &Worker, opts: &Options) -> io::Result<ExitCode> {
     // Ctrl-C signals the whole process group, and a service manager may
     // SIGTERM every process of the service: the primary alone decides when
-    // workers stop, so they can finish their connections and report. (A
-    // worker still stops when the primary goes away.) The crate has no
-    // public API for this yet; `sys` is its hidden syscall layer.
-    for sig in [SIGINT, SIGTERM] {
-        syncluster::sys::signal::set_ignored(sig, true)?;
-    }
+    // workers stop, so they can finish their connections and report.
+    worker.leave_stop_signals_to_primary()?;
     let mut server = Server::new(worker, opts.read_timeout);
     match worker.listen(&opts.listen_addr()) {
         // The listener lives to the end of the arm: dropping it closes it.
