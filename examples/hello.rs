@@ -41,6 +41,8 @@ usage: hello [--workers N] [--host H] [--port P] [--policy rr|shared]
                   (default: $SYNCLUSTER_SCHED_POLICY, else rr)
 
 environment: HELLO_READ_TIMEOUT_MS  idle / header read timeout (default 10000)
+             HELLO_HANG_TIMEOUT_MS  kill a worker that holds connections this long
+                                    without taking the next one (default off)
 ";
 
 /// Exit status of a worker that could not listen: starting more is futile.
@@ -89,6 +91,7 @@ struct Options {
     /// `None`: keep the policy role() read from the environment.
     policy: Option<Policy>,
     read_timeout: Duration,
+    hang_timeout: Option<Duration>,
 }
 
 impl Options {
@@ -110,6 +113,7 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
         port: 8000,
         policy: None,
         read_timeout: read_timeout_from_env()?,
+        hang_timeout: hang_timeout_from_env()?,
     };
     let mut args = args.map(|a| a.into_string().map_err(|a| format!("not UTF-8: {a:?}")));
     while let Some(arg) = args.next() {
@@ -164,6 +168,44 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
     }
 }
 
+fn hang_timeout_from_env() -> Result<Option<Duration>, String> {
+    match std::env::var("HELLO_HANG_TIMEOUT_MS") {
+        Err(_) => Ok(None),
+        Ok(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|&ms| ms > 0)
+            .map(|ms| Some(Duration::from_millis(ms)))
+            .ok_or_else(|| format!("HELLO_HANG_TIMEOUT_MS={v:?}: expected milliseconds above 0")),
+    }
+}
+
+/// Fault injection for scripts/chaos.sh, never set in normal use:
+/// `HELLO_FAULT=rogue:ID` makes worker ID write garbage to its channel, and
+/// `HELLO_FAULT=hang:ID` makes it block forever, each on its first connection.
+fn inject_fault(worker: &Worker) {
+    let Ok(spec) = std::env::var("HELLO_FAULT") else {
+        return;
+    };
+    let Some((what, id)) = spec.split_once(':') else {
+        return;
+    };
+    if id.parse::<u32>().ok() != Some(worker.id()) {
+        return;
+    }
+    match what {
+        "rogue" => {
+            if let Ok(fd) = worker.raw_channel_fd() {
+                let _ = std::fs::File::from(fd).write_all(b"this is not a frame, primary");
+            }
+        }
+        "hang" => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        _ => {}
+    }
+}
+
 fn read_timeout_from_env() -> Result<Duration, String> {
     match std::env::var("HELLO_READ_TIMEOUT_MS") {
         Err(_) => Ok(Duration::from_secs(10)),
@@ -209,6 +251,7 @@ impl Cluster {
         }
         let config = supervisor::Config {
             workers: opts.workers,
+            hang_timeout: opts.hang_timeout,
             ..supervisor::Config::default()
         };
         Ok(Cluster {
@@ -386,6 +429,9 @@ impl<'w> Server<'w> {
 
     fn accept(&mut self, stream: Stream) {
         self.served += 1;
+        if self.served == 1 {
+            inject_fault(self.worker);
+        }
         if stream.set_nonblocking(true).is_err() {
             return;
         }
