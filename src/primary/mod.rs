@@ -547,14 +547,7 @@ impl Primary {
         };
         let hids = std::mem::take(&mut slot.handles);
         for hid in hids {
-            if let Some(h) = self.handles.get_mut(&hid) {
-                h.remove_worker(id);
-                if h.workers.is_empty() {
-                    self.close_handle(hid);
-                } else {
-                    self.distribute(hid, false);
-                }
-            }
+            self.leave_handle(id, hid);
         }
     }
 
@@ -836,14 +829,7 @@ impl Primary {
             }
         }
         for hid in hids {
-            if let Some(h) = self.handles.get_mut(&hid) {
-                h.remove_worker(id);
-                if h.workers.is_empty() {
-                    self.close_handle(hid);
-                } else {
-                    self.distribute(hid, false);
-                }
-            }
+            self.leave_handle(id, hid);
         }
         self.events.push_back(Event::Disconnect(id));
     }
@@ -903,14 +889,7 @@ impl Primary {
                 if let Some(s) = self.workers.get_mut(&id) {
                     s.handles.retain(|&h| h != hid);
                 }
-                if let Some(h) = self.handles.get_mut(&hid) {
-                    h.remove_worker(id);
-                    if h.workers.is_empty() {
-                        self.close_handle(hid);
-                    } else {
-                        self.distribute(hid, false);
-                    }
-                }
+                self.leave_handle(id, hid);
                 Ok(())
             }
             Kind::ExitedAfterDisconnect => {
@@ -1010,6 +989,20 @@ impl Primary {
             },
         );
         Ok(hid)
+    }
+
+    // Stops routing `hid` to worker `id`; the last worker out closes it
+    // (as Node does), otherwise its queue goes to the others.
+    fn leave_handle(&mut self, id: u32, hid: u32) {
+        let Some(h) = self.handles.get_mut(&hid) else {
+            return;
+        };
+        h.remove_worker(id);
+        if h.workers.is_empty() {
+            self.close_handle(hid);
+        } else {
+            self.distribute(hid, false);
+        }
     }
 
     fn close_handle(&mut self, hid: u32) {
