@@ -92,7 +92,7 @@ pub use worker::{Event as WorkerEvent, Listener, Worker};
 #[derive(Debug)]
 pub enum Role {
     /// The primary, with default [`Settings`] (policy from
-    /// `SYNCLUSTER_SCHED_POLICY` when set).
+    /// `SYNCLUSTER_SCHED_POLICY`, window from `SYNCLUSTER_RR_WINDOW`, when set).
     Primary(Primary),
     /// A worker, already online.
     Worker(Worker),
@@ -109,6 +109,9 @@ pub fn role() -> io::Result<Role> {
             let mut settings = Settings::default();
             if let Some(p) = primary::policy_from_env()? {
                 settings.policy = p;
+            }
+            if let Some(w) = primary::window_from_env()? {
+                settings.window = w;
             }
             Primary::new(settings).map(Role::Primary)
         }

@@ -31,6 +31,8 @@ pub const ENV_WORKER_ID: &str = "SYNCLUSTER_WORKER_ID";
 pub const ENV_CHANNEL_FD: &str = "SYNCLUSTER_CHANNEL_FD";
 /// Environment variable choosing the policy: `rr` or `none`.
 pub const ENV_SCHED_POLICY: &str = "SYNCLUSTER_SCHED_POLICY";
+/// Environment variable setting the round-robin window (1 to 253).
+pub const ENV_RR_WINDOW: &str = "SYNCLUSTER_RR_WINDOW";
 
 /// The fd number the channel has in every worker.
 const CHANNEL_FD: i32 = 3;
@@ -1226,5 +1228,24 @@ pub fn policy_from_env() -> io::Result<Option<Policy>> {
                 ),
             )),
         },
+    }
+}
+
+/// Reads `SYNCLUSTER_RR_WINDOW`: unset gives `None`; 1 to 253 give the
+/// window; anything else is an `InvalidInput` error naming it.
+pub fn window_from_env() -> io::Result<Option<usize>> {
+    match std::env::var_os(ENV_RR_WINDOW) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|n| (1..=wire::MAX_FDS).contains(n))
+            .map(Some)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{ENV_RR_WINDOW}={v:?}: expected 1 to {}", wire::MAX_FDS),
+                )
+            }),
     }
 }
