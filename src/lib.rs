@@ -57,6 +57,8 @@
 //! ping-ponging; `Disconnect` and `Exit` are both always reported.
 
 #![deny(missing_docs)]
+// Only `sys` may use unsafe; every other module also forbids it itself.
+#![deny(unsafe_code)]
 
 #[cfg(not(target_os = "linux"))]
 compile_error!(
@@ -64,6 +66,7 @@ compile_error!(
 );
 
 #[doc(hidden)]
+#[allow(unsafe_code)]
 pub mod sys;
 
 pub mod ipc;
