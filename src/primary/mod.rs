@@ -96,6 +96,11 @@ pub struct Settings {
     pub window: usize,
     /// Largest frame payload accepted from a worker.
     pub max_payload: u32,
+    /// When the last worker of a listening socket dies unexpectedly, keep
+    /// the socket this long (not accepting: the kernel backlog holds new
+    /// connections) so that a replacement listens on the same port and no
+    /// client is refused. A deliberate disconnect closes it at once.
+    pub orphan_linger: Duration,
 }
 
 impl Default for Settings {
@@ -113,6 +118,7 @@ impl Default for Settings {
             queue_limit: 1024,
             window: 4,
             max_payload: wire::DEFAULT_MAX_PAYLOAD,
+            orphan_linger: Duration::from_secs(30),
         }
     }
 }
@@ -589,7 +595,10 @@ impl Primary {
 
     fn next_deadline(&self) -> Option<Instant> {
         let kills = self.workers.values().filter_map(|s| s.kill_at);
-        let paused = self.handles.values().filter_map(|h| h.paused_until);
+        let paused = self
+            .handles
+            .values()
+            .filter_map(|h| h.paused_until.or(h.orphaned_until));
         let hangs = self.hang_timeout.into_iter().flat_map(|t| {
             self.workers
                 .values()
@@ -661,6 +670,15 @@ impl Primary {
                 self.events.push_back(Event::Hung(id));
                 self.abort_worker(id);
             }
+        }
+        let expired: Vec<u32> = self
+            .handles
+            .iter()
+            .filter(|(_, h)| h.orphaned_until.is_some_and(|t| t <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for hid in expired {
+            self.close_handle(hid);
         }
         let queued: Vec<u32> = self
             .handles
@@ -830,8 +848,16 @@ impl Primary {
                 h.queue.push_front(f.conn);
             }
         }
+        let crashed = !self
+            .workers
+            .get(&id)
+            .is_some_and(|s| s.exited_after_disconnect);
         for hid in hids {
-            self.leave_handle(id, hid);
+            if crashed {
+                self.orphan_or_leave(id, hid);
+            } else {
+                self.leave_handle(id, hid);
+            }
         }
         self.events.push_back(Event::Disconnect(id));
     }
@@ -941,6 +967,7 @@ impl Primary {
             .get_mut(&hid)
             .expect("handle just found or made");
         h.add_worker(id);
+        h.orphaned_until = None;
         let body = protocol::encode_reply_ok(hid, h.policy, &h.address.to_string());
         let policy = h.policy;
         if let Some(s) = self.workers.get_mut(&id) {
@@ -988,6 +1015,7 @@ impl Primary {
                 queue: VecDeque::new(),
                 polling,
                 paused_until: None,
+                orphaned_until: None,
             },
         );
         Ok(hid)
@@ -1004,6 +1032,24 @@ impl Primary {
             self.close_handle(hid);
         } else {
             self.distribute(hid, false);
+        }
+    }
+
+    // A crash: like `leave_handle`, but the last worker out leaves the
+    // socket open, quiet, for its replacement.
+    fn orphan_or_leave(&mut self, id: u32, hid: u32) {
+        let linger = self.settings.orphan_linger;
+        let Some(h) = self.handles.get_mut(&hid) else {
+            return;
+        };
+        h.remove_worker(id);
+        if !h.workers.is_empty() {
+            self.distribute(hid, false);
+        } else if linger.is_zero() {
+            self.close_handle(hid);
+        } else {
+            h.orphaned_until = Some(Instant::now() + linger);
+            self.set_polling(hid, false);
         }
     }
 
@@ -1075,7 +1121,7 @@ impl Primary {
                 Err(_) => break, // ECONNABORTED and the like: that one is gone.
             }
         }
-        let full = h.queue.len() >= limit || h.paused_until.is_some();
+        let full = h.queue.len() >= limit || h.paused_until.is_some() || h.workers.is_empty();
         self.set_polling(hid, !full);
     }
 
@@ -1130,7 +1176,9 @@ impl Primary {
                 None => batch.push((w, vec![conn])),
             }
         }
-        let refill = h.queue.len() < self.settings.queue_limit.max(1) && h.paused_until.is_none();
+        let refill = h.queue.len() < self.settings.queue_limit.max(1)
+            && h.paused_until.is_none()
+            && !h.workers.is_empty();
         for (w, conns) in batch.drain(..) {
             self.hand_over(hid, w, conns);
         }

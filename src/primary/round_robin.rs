@@ -50,6 +50,9 @@ pub(crate) struct Handle {
     pub polling: bool,
     /// After `EMFILE`, accept again no sooner than this.
     pub paused_until: Option<Instant>,
+    /// Its last worker died unexpectedly: kept open (not accepting) until
+    /// this time for a replacement to listen on the same socket.
+    pub orphaned_until: Option<Instant>,
 }
 
 impl Handle {

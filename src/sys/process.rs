@@ -23,8 +23,10 @@ use super::{cvt, cvt_r};
 /// Most fds one [`spawn`] can map into the child.
 pub const MAX_FD_MAPPINGS: usize = 8;
 
-/// Mapped targets must be below this; the child parks its temporary
-/// duplicates at or above it, so a temporary can never be a target.
+/// Mapped targets must be below this. The child parks its temporary
+/// duplicates just above the highest target (not at a fixed 64, which a
+/// process under `ulimit -n 64` could not reach), so a temporary can never
+/// be a target.
 const TMP_FD_BASE: RawFd = 64;
 
 /// `CLOSE_RANGE_CLOEXEC` from `<linux/close_range.h>` (Linux 5.11); older
@@ -217,6 +219,8 @@ struct FdPlan {
     /// (source fd in the parent, target fd in the child).
     map: [(RawFd, RawFd); MAX_FD_MAPPINGS],
     len: usize,
+    /// Lowest fd number above every target: where duplicates are parked.
+    park: RawFd,
     /// Inclusive ranges of fds >= 3 that must become close-on-exec: the gaps
     /// between the sorted targets and everything above the highest one.
     gaps: [(libc::c_uint, libc::c_uint); MAX_FD_MAPPINGS + 1],
@@ -235,6 +239,7 @@ impl FdPlan {
         }
         let mut plan = FdPlan {
             map: [(-1, -1); MAX_FD_MAPPINGS],
+            park: 3,
             len: 0,
             gaps: [(0, 0); MAX_FD_MAPPINGS + 1],
             gaps_len: 0,
@@ -257,6 +262,7 @@ impl FdPlan {
             *seen = true;
             *slot = (src.as_raw_fd(), *target);
             plan.len += 1;
+            plan.park = plan.park.max(*target + 1);
         }
         // Walk the targets in ascending order (is_target is indexed by fd).
         let is_target = plan.is_target;
@@ -306,7 +312,7 @@ pub fn spawn(plan: &SpawnPlan, fds: &[(BorrowedFd<'_>, RawFd)]) -> io::Result<i3
     // and an exec failure would look like success: park it above all targets.
     let err_write = match usize::try_from(err_write.as_raw_fd()) {
         Ok(n) if fd_plan.is_target.get(n).copied().unwrap_or(false) => {
-            dup_above_targets(err_write)?
+            dup_above_targets(err_write, fd_plan.park)?
         }
         _ => err_write,
     };
@@ -381,9 +387,9 @@ pub fn spawn(plan: &SpawnPlan, fds: &[(BorrowedFd<'_>, RawFd)]) -> io::Result<i3
 
 /// Duplicates `fd` to the lowest free number >= 64 with
 /// `fcntl(F_DUPFD_CLOEXEC)`, closing the original.
-fn dup_above_targets(fd: OwnedFd) -> io::Result<OwnedFd> {
+fn dup_above_targets(fd: OwnedFd, base: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: `fd` is open and ours; F_DUPFD_CLOEXEC only creates a new fd.
-    let moved = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, TMP_FD_BASE) })?;
+    let moved = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, base) })?;
     // SAFETY: fcntl just returned this new fd; nobody else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(moved) })
 }
@@ -448,7 +454,7 @@ fn child_after_fork(plan: &SpawnPlan, fds: &FdPlan, err_fd: RawFd, parent_pid: i
     let mut tmp: [RawFd; MAX_FD_MAPPINGS] = [-1; MAX_FD_MAPPINGS];
     for (slot, (src, _)) in tmp.iter_mut().zip(fds.map.iter().take(fds.len)) {
         // SAFETY: F_DUPFD_CLOEXEC only creates a new fd; a bad src is EBADF.
-        let fd = unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, TMP_FD_BASE) };
+        let fd = unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, fds.park) };
         if fd == -1 {
             child_fail(err_fd, errno());
         }
