@@ -90,9 +90,15 @@ def run_wrk(port, mode):
     if mode == "close":
         cmd[1:1] = ["-H", "Connection: close"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=DURATION + 30).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
+    try:
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))
+        p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
+    except (AttributeError, ValueError):
+        # No latency figures: wrk completed nothing. Keep its words.
+        with open(os.path.join(OUT, "wrk-failure.txt"), "a") as f:
+            f.write(f"port {port} {mode}:\n{out}\n")
+        return 0.0, float("nan"), float("nan"), 1
     errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors += int(m.group(1)) if m else 0
