@@ -275,6 +275,8 @@ impl Cluster {
             Notice::Cluster(PrimaryEvent::Error(id, e)) => eprintln!("worker {id}: {e}"),
             Notice::Cluster(PrimaryEvent::Hung(id)) => eprintln!("worker {id} hung; killed"),
             Notice::Cluster(_) | Notice::Ready => {}
+            // The supervisor announced the respawn before we chose to stop.
+            Notice::Respawning { .. } | Notice::CrashLoop { .. } if self.failed => {}
             Notice::Respawning { id, delay, .. } if delay.is_zero() => {
                 eprintln!("worker {id}: forking a replacement");
             }
