@@ -43,7 +43,7 @@
 //! | public API | `lib.rs` | role detection |
 //! | cluster | [`primary`], [`worker`], [`protocol`] | the cluster protocol, not syscalls |
 //! | ipc | [`ipc::wire`], [`ipc::channel`] | frames and fds, not clusters |
-//! | sys | `sys` | the only `unsafe`, the only `libc` |
+//! | sys | `sys` | raw syscalls: the only module that names `libc` |
 //!
 //! The primary is one epoll loop over a signalfd, the worker channels and
 //! the round-robin listeners; [`primary::Primary::next_event`] turns it.
@@ -57,8 +57,6 @@
 //! ping-ponging; `Disconnect` and `Exit` are both always reported.
 
 #![deny(missing_docs)]
-// Only `sys` may use unsafe; every other module also forbids it itself.
-#![deny(unsafe_code)]
 
 #[cfg(not(target_os = "linux"))]
 compile_error!(
@@ -66,7 +64,6 @@ compile_error!(
 );
 
 #[doc(hidden)]
-#[allow(unsafe_code)]
 pub mod sys;
 
 pub mod ipc;
