@@ -1222,16 +1222,15 @@ impl Primary {
 
     fn on_conn_reply(&mut self, id: u32, hid: u32, flags: u8, payload: &[u8]) -> io::Result<()> {
         let slot = self.workers.get_mut(&id).ok_or_else(|| Self::gone(id))?;
-        let mut touched = false;
         for cid in protocol::decode_ids(payload)? {
             let pos = slot
                 .in_flight
                 .iter()
-                .position(|f| f.conn.id == cid)
+                .position(|f| f.conn.id == cid && f.handle == hid)
                 .ok_or_else(|| {
                     io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!("reply for unknown connection {cid}"),
+                        format!("reply for unknown connection {cid} on handle {hid}"),
                     )
                 })?;
             let f = slot.in_flight.remove(pos).expect("position is in range");
@@ -1239,19 +1238,21 @@ impl Primary {
             if flags & REJECTED != 0 {
                 let mut conn = f.conn;
                 conn.rejected_by.push(id);
-                if let Some(h) = self.handles.get_mut(&f.handle) {
+                if let Some(h) = self.handles.get_mut(&hid) {
                     h.queue.push_front(conn);
                 }
             }
-            touched = true;
             // Accepted: `f` drops here and closes the primary's copy.
         }
-        let _ = hid;
-        if touched {
-            let hids: Vec<u32> = self.handles.keys().copied().collect();
-            for h in hids {
+        // The reply freed room in this worker's window, which serves every
+        // handle it listens on; rejected connections went back to `hid`.
+        self.distribute(hid, false);
+        let mut i = 0;
+        while let Some(&h) = self.workers.get(&id).and_then(|s| s.handles.get(i)) {
+            if h != hid {
                 self.distribute(h, false);
             }
+            i += 1;
         }
         Ok(())
     }
