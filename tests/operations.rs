@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+#[path = "support/example.rs"]
+mod example;
 const START: Duration = Duration::from_secs(10);
 const EXIT: Duration = Duration::from_secs(10);
 const IO: Duration = Duration::from_secs(5);
@@ -26,29 +28,8 @@ const GET_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\
 const GET_KEEP: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
 const BODY: &[u8] = b"hello world\n";
 
-/// `target/<profile>/examples/hello`, built once per test run: `cargo test
-/// --test operations` alone does not build examples.
 fn hello_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(|deps| deps.parent())
-            .expect("target/<profile>/deps");
-        let bin = profile_dir.join("examples/hello");
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "--quiet", "--example", "hello", "--manifest-path"]);
-        cargo.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
-        if profile_dir.ends_with("release") {
-            cargo.arg("--release");
-        }
-        let status = cargo.status().expect("run cargo build");
-        assert!(status.success(), "cargo build --example hello failed");
-        assert!(bin.exists(), "{} is missing", bin.display());
-        bin
-    })
-    .clone()
+    example::example_bin("hello")
 }
 
 // ---------------------------------------------------------------------------

@@ -7,10 +7,12 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+#[path = "support/example.rs"]
+mod example;
 const START: Duration = Duration::from_secs(15);
 const IO: Duration = Duration::from_secs(5);
 /// The primary prints every second: the count must be right within this.
@@ -19,34 +21,8 @@ const EXIT: Duration = Duration::from_secs(15);
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
 const GET_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
 
-/// `target/<profile>/examples/request_counter`, built once per test run:
-/// `cargo test --test request_counter` alone does not build examples.
 fn bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(|deps| deps.parent())
-            .expect("target/<profile>/deps");
-        let bin = profile_dir.join("examples/request_counter");
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "--quiet", "--example", "request_counter"]);
-        cargo.args([
-            "--manifest-path",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
-        ]);
-        if profile_dir.ends_with("release") {
-            cargo.arg("--release");
-        }
-        let status = cargo.status().expect("run cargo build");
-        assert!(
-            status.success(),
-            "cargo build --example request_counter failed"
-        );
-        bin
-    })
-    .clone()
+    example::example_bin("request_counter")
 }
 
 /// A running request_counter: stdout lines arrive on a channel, stderr
