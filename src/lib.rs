@@ -66,9 +66,11 @@ compile_error!(
 #[doc(hidden)]
 pub mod sys;
 
+mod env;
 pub mod ipc;
 pub mod primary;
 pub mod protocol;
+mod readiness;
 pub mod supervisor;
 pub mod worker;
 

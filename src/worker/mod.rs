@@ -17,10 +17,11 @@ use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use crate::env::{ENV_CHANNEL_FD, ENV_WORKER_ID};
 use crate::ipc::channel::{Channel, Frame, Recv};
 use crate::ipc::wire::Kind;
-use crate::primary::{ENV_CHANNEL_FD, ENV_WORKER_ID};
 use crate::protocol::{self, Endpoint, Policy, Query, REJECTED};
+pub use crate::readiness::{Interest, Readiness};
 use crate::sys::{self, epoll, poll};
 
 const TOKEN_CHANNEL: u64 = 1 << 63;
@@ -79,65 +80,6 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
-        }
-    }
-}
-
-/// Readiness interest for [`Worker::register`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Interest {
-    /// Wake when readable (or the peer hung up).
-    pub readable: bool,
-    /// Wake when writable.
-    pub writable: bool,
-}
-
-impl Interest {
-    /// Readable only.
-    pub const READABLE: Interest = Interest {
-        readable: true,
-        writable: false,
-    };
-    /// Writable only.
-    pub const WRITABLE: Interest = Interest {
-        readable: false,
-        writable: true,
-    };
-    /// Both.
-    pub const BOTH: Interest = Interest {
-        readable: true,
-        writable: true,
-    };
-
-    pub(crate) fn epoll_bits(self) -> u32 {
-        let mut b = 0;
-        if self.readable {
-            b |= epoll::READABLE | epoll::READ_HUP;
-        }
-        if self.writable {
-            b |= epoll::WRITABLE;
-        }
-        b
-    }
-}
-
-/// What a registered fd is ready for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Readiness {
-    /// Readable, or the peer closed (a read will not block).
-    pub readable: bool,
-    /// Writable.
-    pub writable: bool,
-    /// Hung up or in error.
-    pub hup: bool,
-}
-
-impl Readiness {
-    pub(crate) fn from_epoll(flags: u32) -> Readiness {
-        Readiness {
-            readable: flags & (epoll::READABLE | epoll::READ_HUP | epoll::HUP) != 0,
-            writable: flags & epoll::WRITABLE != 0,
-            hup: flags & (epoll::HUP | epoll::ERROR) != 0,
         }
     }
 }

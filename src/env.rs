@@ -1,0 +1,12 @@
+//! The environment variables both sides of the cluster agree on.
+
+#![forbid(unsafe_code)]
+
+/// Makes a process a worker and gives its id (≈ `NODE_UNIQUE_ID`).
+pub const ENV_WORKER_ID: &str = "SYNCLUSTER_WORKER_ID";
+/// Names the worker's end of the channel (≈ `NODE_CHANNEL_FD`).
+pub const ENV_CHANNEL_FD: &str = "SYNCLUSTER_CHANNEL_FD";
+/// Chooses the policy: `rr` or `shared` (`none`, Node's name, also works).
+pub const ENV_SCHED_POLICY: &str = "SYNCLUSTER_SCHED_POLICY";
+/// Sets the round-robin window (1 to 253).
+pub const ENV_RR_WINDOW: &str = "SYNCLUSTER_RR_WINDOW";

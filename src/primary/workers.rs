@@ -1,0 +1,389 @@
+//! The worker table and its states: forking, sending, killing,
+//! disconnecting and reaping workers (≈ Node's primary.js `fork`,
+//! `worker.send`, `worker.kill`, `disconnect`).
+
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::event_loop::TOKEN_WORKER;
+use super::round_robin::Conn;
+use super::{Event, Primary, Stdio};
+use crate::env::{ENV_CHANNEL_FD, ENV_WORKER_ID};
+use crate::ipc::channel::Channel;
+use crate::ipc::wire::Kind;
+use crate::protocol::Policy;
+use crate::sys::{self, epoll, process, signal};
+
+/// The fd number the channel has in every worker.
+const CHANNEL_FD: i32 = 3;
+
+/// A worker's state, as Node names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Forked; no frame yet.
+    None,
+    /// Its first frame arrived.
+    Online,
+    /// At least one listener is up.
+    Listening,
+    /// Its channel is closed.
+    Disconnected,
+    /// Its process ended. [`Primary::workers`] no longer lists a worker
+    /// once its `Exit` event is out, so this is seen only in between.
+    Dead,
+}
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal ended it.
+    Signal(i32),
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal(s) => write!(f, "signal {} ({s})", process::signal_name(*s)),
+        }
+    }
+}
+
+/// A worker as [`Primary::workers`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// Worker id, 1, 2, 3, ... never reused.
+    pub id: u32,
+    /// Its process id.
+    pub pid: i32,
+    /// Its state.
+    pub state: State,
+    /// True once a disconnect was asked for, by either side.
+    pub exited_after_disconnect: bool,
+    /// Connections handed to it and not yet accepted.
+    pub in_flight: usize,
+}
+
+/// A connection handed to a worker and not yet acknowledged.
+#[derive(Debug)]
+pub(super) struct InFlight {
+    pub(super) handle: u32,
+    pub(super) conn: Conn,
+}
+
+/// One row of the worker table.
+#[derive(Debug)]
+pub(super) struct Slot {
+    pub(super) pid: i32,
+    pub(super) state: State,
+    pub(super) channel: Option<Channel>,
+    pub(super) want_write: bool,
+    pub(super) exited_after_disconnect: bool,
+    pub(super) exit: Option<ExitStatus>,
+    pub(super) in_flight: VecDeque<InFlight>,
+    pub(super) handles: Vec<u32>,
+    pub(super) kill_at: Option<Instant>,
+    /// When the worker last took a connection, or got its first one.
+    pub(super) progress: Instant,
+    pub(super) stdout: Option<OwnedFd>,
+    pub(super) stderr: Option<OwnedFd>,
+}
+
+impl Primary {
+    /// Forks a worker with the settings' environment.
+    pub fn fork(&mut self) -> io::Result<u32> {
+        self.fork_with_env(&[] as &[(&str, &str)])
+    }
+
+    /// Forks a worker with extra environment variables (≈ `cluster.fork(env)`).
+    /// Returns its id once exec has succeeded; an exec failure is the `Err`.
+    pub fn fork_with_env<K: AsRef<OsStr>, V: AsRef<OsStr>>(
+        &mut self,
+        env: &[(K, V)],
+    ) -> io::Result<u32> {
+        let id = self.next_id;
+        let s = &self.settings;
+        let exec = s
+            .exec
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
+        let mut argv: Vec<OsString> = vec![std::env::args_os()
+            .next()
+            .unwrap_or_else(|| exec.clone().into())];
+        match &s.args {
+            Some(args) => argv.extend(args.iter().cloned()),
+            None => argv.extend(std::env::args_os().skip(1)),
+        }
+        let ours = |k: &OsStr| k == ENV_WORKER_ID || k == ENV_CHANNEL_FD;
+        let mut vars: Vec<(OsString, OsString)> =
+            std::env::vars_os().filter(|(k, _)| !ours(k)).collect();
+        let mut set = |k: &OsStr, v: &OsStr| {
+            if let Some(slot) = vars.iter_mut().find(|(key, _)| key == k) {
+                slot.1 = v.to_owned();
+            } else {
+                vars.push((k.to_owned(), v.to_owned()));
+            }
+        };
+        for (k, v) in &s.env {
+            set(k, v);
+        }
+        for (k, v) in env {
+            set(k.as_ref(), v.as_ref());
+        }
+        set(OsStr::new(ENV_WORKER_ID), OsStr::new(&id.to_string()));
+        set(
+            OsStr::new(ENV_CHANNEL_FD),
+            OsStr::new(&CHANNEL_FD.to_string()),
+        );
+        let mut plan = process::SpawnPlan::new(&exec, &argv, &vars)?;
+        if let Some(cwd) = &s.cwd {
+            plan.cwd(cwd)?;
+        }
+        if let Some(gid) = s.gid {
+            plan.gid(gid);
+        }
+        if let Some(uid) = s.uid {
+            plan.uid(uid);
+        }
+        let (ours_end, theirs) = sys::socket::socketpair()?;
+        let pipes = match s.stdio {
+            Stdio::Inherit => None,
+            Stdio::Pipe => Some((process::pipe()?, process::pipe()?)),
+        };
+        let mut map: Vec<(BorrowedFd<'_>, i32)> = vec![(theirs.as_fd(), CHANNEL_FD)];
+        if let Some(((_, out_w), (_, err_w))) = &pipes {
+            map.push((out_w.as_fd(), 1));
+            map.push((err_w.as_fd(), 2));
+        }
+        let pid = process::spawn(&plan, &map).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("fork of worker {id}: exec {}: {e}", exec.display()),
+            )
+        })?;
+        drop(map);
+        drop(theirs);
+        let (stdout, stderr) = match pipes {
+            Some(((out_r, _), (err_r, _))) => (Some(out_r), Some(err_r)),
+            None => (None, None),
+        };
+        let mut channel = Channel::new(ours_end, true);
+        channel.set_max_payload(self.settings.max_payload);
+        if let Err(e) = self
+            .epoll
+            .add(channel.as_fd(), epoll::READABLE, TOKEN_WORKER | id as u64)
+        {
+            let _ = process::kill(pid, signal::SIGKILL);
+            let _ = process::wait_pid(pid);
+            return Err(e);
+        }
+        self.next_id += 1;
+        self.pids.insert(pid, id);
+        self.workers.insert(
+            id,
+            Slot {
+                pid,
+                state: State::None,
+                channel: Some(channel),
+                want_write: false,
+                exited_after_disconnect: false,
+                exit: None,
+                in_flight: VecDeque::new(),
+                handles: Vec::new(),
+                kill_at: None,
+                progress: Instant::now(),
+                stdout,
+                stderr,
+            },
+        );
+        self.events.push_back(Event::Fork(id));
+        Ok(id)
+    }
+
+    /// Sends a user message, with fds, to a worker. Buffered: never blocks
+    /// on a slow worker. `Err(NotConnected)` once its channel is closed.
+    pub fn send(&mut self, id: u32, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        self.send_frame(id, Kind::User, 0, 0, bytes, fds)
+    }
+
+    pub(super) fn send_frame(
+        &mut self,
+        id: u32,
+        kind: Kind,
+        flags: u8,
+        seq: u32,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> io::Result<()> {
+        let slot = self.workers.get_mut(&id).ok_or_else(|| Self::gone(id))?;
+        let ch = slot.channel.as_mut().ok_or_else(|| Self::gone(id))?;
+        ch.send(kind, flags, seq, bytes, fds)?;
+        if ch.wants_write() && !slot.want_write {
+            slot.want_write = true;
+            self.epoll.modify(
+                ch.as_fd(),
+                epoll::READABLE | epoll::WRITABLE,
+                TOKEN_WORKER | id as u64,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Sends `sig` to a worker (≈ `worker.process.kill`).
+    pub fn kill(&mut self, id: u32, sig: i32) -> io::Result<()> {
+        let slot = self.workers.get(&id).ok_or_else(|| Self::gone(id))?;
+        if slot.exit.is_some() {
+            return Err(Self::gone(id));
+        }
+        process::kill(slot.pid, sig)
+    }
+
+    /// Graceful disconnect: stop routing to the worker, tell it to finish
+    /// what it holds and exit. With `timeout`, SIGKILL follows if it is
+    /// still alive then. Its exit reports `exited_after_disconnect`.
+    pub fn disconnect(&mut self, id: u32, timeout: Option<Duration>) -> io::Result<()> {
+        let slot = self.workers.get_mut(&id).ok_or_else(|| Self::gone(id))?;
+        slot.exited_after_disconnect = true;
+        if let Some(t) = timeout {
+            slot.kill_at = Some(Instant::now() + t);
+        }
+        if slot.channel.is_none() {
+            return Ok(());
+        }
+        self.unroute(id);
+        self.send_frame(id, Kind::Disconnect, 0, 0, &[], &[])
+    }
+
+    /// Stops accepting and disconnects every worker (≈ `cluster.disconnect`).
+    /// Connections already in the kernel backlog are accepted and handed to
+    /// the workers first, ahead of the disconnect request, so none is lost.
+    pub fn disconnect_all(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let ids: Vec<u32> = self.handles.keys().copied().collect();
+        for hid in ids {
+            // Round robin: sweep the kernel backlog to the workers ahead of
+            // their disconnect request. Shared: the workers drain it.
+            if self
+                .handles
+                .get(&hid)
+                .is_some_and(|h| h.policy == Policy::RoundRobin)
+            {
+                self.accept_ready(hid, true);
+                self.distribute(hid, true);
+            }
+            self.close_handle(hid);
+        }
+        let workers: Vec<u32> = self.workers.keys().copied().collect();
+        for id in workers {
+            let _ = self.disconnect(id, timeout);
+        }
+        Ok(())
+    }
+
+    /// Stops routing new connections to a worker without disconnecting it
+    /// (a rolling restart retires the old worker this way). Connections
+    /// queued for it go to the others.
+    pub fn unroute(&mut self, id: u32) {
+        let Some(slot) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let hids = std::mem::take(&mut slot.handles);
+        for hid in hids {
+            self.leave_handle(id, hid);
+        }
+    }
+
+    // Reaps only our workers, by pid: a child the program started itself
+    // keeps its exit status for its own `wait`.
+    pub(super) fn reap(&mut self) {
+        let pids: Vec<i32> = self.pids.keys().copied().collect();
+        for pid in pids {
+            let status = match process::wait_pid_nohang(pid) {
+                Ok(Some(status)) => status,
+                Ok(None) => continue,
+                Err(_) => continue,
+            };
+            let Some(id) = self.pids.remove(&pid) else {
+                continue;
+            };
+            let status = match status {
+                process::ExitStatus::Code(c) => ExitStatus::Code(c),
+                process::ExitStatus::Signal(s) => ExitStatus::Signal(s),
+            };
+            if let Some(s) = self.workers.get_mut(&id) {
+                s.exit = Some(status);
+            }
+            // Frames it wrote before dying are still readable: deliver them,
+            // then Disconnect, then Exit.
+            self.read_worker(id);
+            self.close_channel(id);
+            // The slot stays (state Dead) until this Exit is handed out.
+            if let Some(s) = self.workers.get_mut(&id) {
+                s.state = State::Dead;
+                self.events
+                    .push_back(Event::Exit(id, status, s.exited_after_disconnect));
+            }
+        }
+    }
+
+    pub(super) fn protocol_error(&mut self, id: u32, e: io::Error) {
+        self.events.push_back(Event::Error(
+            id,
+            io::Error::new(
+                e.kind(),
+                format!("worker {id} broke the channel protocol: {e}"),
+            ),
+        ));
+        self.abort_worker(id);
+    }
+
+    pub(super) fn abort_worker(&mut self, id: u32) {
+        if let Some(s) = self.workers.get(&id) {
+            if s.exit.is_none() {
+                let _ = process::kill(s.pid, signal::SIGKILL);
+            }
+        }
+        self.close_channel(id);
+    }
+
+    // Closes a worker's channel once: re-queues what was in flight to it,
+    // drops it from every handle, reports Disconnect.
+    pub(super) fn close_channel(&mut self, id: u32) {
+        let Some(slot) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let Some(ch) = slot.channel.take() else {
+            return;
+        };
+        let _ = self.epoll.delete(ch.as_fd());
+        drop(ch);
+        slot.state = State::Disconnected;
+        let in_flight = std::mem::take(&mut slot.in_flight);
+        let hids = std::mem::take(&mut slot.handles);
+        // Back to the front of their queues, oldest first, for another worker.
+        for f in in_flight.into_iter().rev() {
+            if let Some(h) = self.handles.get_mut(&f.handle) {
+                h.queue.push_front(f.conn);
+            }
+        }
+        let crashed = !self
+            .workers
+            .get(&id)
+            .is_some_and(|s| s.exited_after_disconnect);
+        for hid in hids {
+            if crashed {
+                self.orphan_or_leave(id, hid);
+            } else {
+                self.leave_handle(id, hid);
+            }
+        }
+        self.events.push_back(Event::Disconnect(id));
+    }
+}
