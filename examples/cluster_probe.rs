@@ -39,6 +39,10 @@
 //!   `waitchild` → `waitchild code=<c>` or `waitchild signal=<n>` once it
 //!   ended (5 s at most), or `err waitchild <msg>` (additions for the
 //!   tests: the cluster must not reap children that are not its workers)
+//! - `role` → `role primary` / `role worker <id>` if a second
+//!   `syncluster::role()` succeeds, else `err role <ErrorKind debug>: <msg>`;
+//!   `whoami` → `whoami primary=<bool> worker=<bool> id=<id|none>` (from
+//!   `is_primary()`, `is_worker()`, `worker_id()`)
 //!
 //! Event lines:
 //! `fork <id>` | `online <id>` | `listening <id> <addr>` |
@@ -64,11 +68,22 @@
 //! listener. Additions for the tests: `sleep MS` → sends `sleeping:MS`,
 //! blocks MS milliseconds (deaf to the channel meanwhile), then sends
 //! `slept:MS`; `burst N` → sends `burst:0` .. `burst:<N-1>` then exits 3 at
-//! once; `givefd` → sends `givefd` with one fd, a pipe holding `giventext`.
+//! once; `givefd` → sends `givefd` with one fd, a pipe holding `giventext`;
+//! `hogfds` → opens `/dev/null` until that fails (EMFILE), keeps them, sends
+//! `hogged:<n>`; `freefds` → closes them, sends `freed:<n>`; `role` → calls
+//! `syncluster::role()` again, sends `role:ok:primary`, `role:ok:worker <id>`
+//! or `role:err:<ErrorKind debug>:<msg>`; `whoami` → `whoami:primary=<bool>
+//! worker=<bool> id=<id|none>`.
 //! Anything else → `unknown:<text>`.
 //!
 //! On `Event::Disconnect`: sends `served:<n>` (connections served) then exits
 //! with `PROBE_DISCONNECT_CODE` (default 0).
+//!
+//! Before any mode, right after `role()`, in this order: `PROBE_NO_PDEATHSIG`
+//! set → the worker clears its parent-death signal (only the channel's EOF
+//! then tells it the primary died); `PROBE_PAUSE_MS=N` → sleeps N ms;
+//! `PROBE_STOP_SIGNALS=primary` → `worker.leave_stop_signals_to_primary()`
+//! (an error ends the worker: `error: ...`, exit 1).
 //!
 //! Modes:
 //! - `idle`: the loop above, no listener.
@@ -411,6 +426,12 @@ fn command(p: &mut Primary, extra: &mut Extra, line: &str) -> Result<Option<Stri
             }
         }
         "exit" => exit(0),
+        "role" => match syncluster::role() {
+            Ok(Role::Primary(_)) => Ok(Some("role primary".to_string())),
+            Ok(Role::Worker(w)) => Ok(Some(format!("role worker {}", w.id()))),
+            Err(e) => Err(format!("{:?}: {e}", e.kind())),
+        },
+        "whoami" => Ok(Some(format!("whoami {}", whoami()))),
         _ => Err("unknown command".to_string()),
     }
 }
@@ -468,6 +489,8 @@ struct Probe {
     worker: Worker,
     listeners: Vec<Listener>,
     served: u64,
+    /// Files held open by `hogfds`.
+    hogged: Vec<File>,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -478,11 +501,33 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
+/// `primary=<bool> worker=<bool> id=<id or none>`, from the crate's
+/// read-only role helpers.
+fn whoami() -> String {
+    let id = syncluster::worker_id().map_or("none".to_string(), |i| i.to_string());
+    format!(
+        "primary={} worker={} id={id}",
+        syncluster::is_primary(),
+        syncluster::is_worker()
+    )
+}
+
 fn run_worker(worker: Worker, mode: &str) -> io::Result<()> {
+    if std::env::var_os("PROBE_NO_PDEATHSIG").is_some() {
+        // Only the channel's EOF can then tell this worker the primary died.
+        sys::process::set_pdeathsig(0)?;
+    }
+    if let Some(ms) = env_num::<u64>("PROBE_PAUSE_MS") {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    if std::env::var("PROBE_STOP_SIGNALS").as_deref() == Ok("primary") {
+        worker.leave_stop_signals_to_primary()?;
+    }
     let mut probe = Probe {
         worker,
         listeners: Vec::new(),
         served: 0,
+        hogged: Vec::new(),
     };
     match mode {
         "idle" => probe.run(),
@@ -626,6 +671,23 @@ impl Probe {
                 let fd = pipe_holding(b"giventext")?;
                 self.worker.send(b"givefd", &[fd.as_fd()])
             }
+            "hogfds" => {
+                while let Ok(f) = File::open("/dev/null") {
+                    self.hogged.push(f);
+                }
+                self.say(&format!("hogged:{}", self.hogged.len()))
+            }
+            "freefds" => {
+                let n = self.hogged.len();
+                self.hogged.clear();
+                self.say(&format!("freed:{n}"))
+            }
+            "role" => match syncluster::role() {
+                Ok(Role::Primary(_)) => self.say("role:ok:primary"),
+                Ok(Role::Worker(w)) => self.say(&format!("role:ok:worker {}", w.id())),
+                Err(e) => self.say(&format!("role:err:{:?}:{e}", e.kind())),
+            },
+            "whoami" => self.say(&format!("whoami:{}", whoami())),
             _ => self.say(&format!("unknown:{text}")),
         }
     }
@@ -649,7 +711,7 @@ fn raw_worker(mode: &str) -> io::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad channel fd"))?;
-    let channel = sys::inherit::adopt_channel(raw)?;
+    let (channel, _primary_pid) = sys::inherit::adopt_channel(raw)?;
     let ch = channel.as_fd();
     let header = |kind, nfds, len| {
         Header {

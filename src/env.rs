@@ -6,6 +6,10 @@
 pub const ENV_WORKER_ID: &str = "SYNCLUSTER_WORKER_ID";
 /// Names the worker's end of the channel (≈ `NODE_CHANNEL_FD`).
 pub const ENV_CHANNEL_FD: &str = "SYNCLUSTER_CHANNEL_FD";
+/// The pid the worker's variables are meant for (≈ systemd's
+/// `LISTEN_PID`), written by the child after fork: a process whose pid
+/// differs inherited them and is not a worker.
+pub const ENV_WORKER_PID: &str = "SYNCLUSTER_WORKER_PID";
 /// Chooses the policy: `rr` or `shared` (`none`, Node's name, also works).
 pub const ENV_SCHED_POLICY: &str = "SYNCLUSTER_SCHED_POLICY";
 /// Sets the round-robin window (1 to 253).

@@ -100,12 +100,27 @@ pub enum Role {
     Worker(Worker),
 }
 
-/// Tells the primary from a worker by `SYNCLUSTER_WORKER_ID` and
-/// `SYNCLUSTER_CHANNEL_FD` (≈ `cluster.isPrimary`), and removes both from
-/// the environment. A malformed value, or an fd that is not our parent's
-/// socket, is an `InvalidInput` error naming the variable.
+/// Tells the primary from a worker (≈ `cluster.isPrimary`) and sets that
+/// side up: a worker adopts its channel and says Online; a primary gets
+/// default [`Settings`].
+///
+/// A process is a worker when `SYNCLUSTER_WORKER_ID` and
+/// `SYNCLUSTER_CHANNEL_FD` are set and, if `SYNCLUSTER_WORKER_PID` is set
+/// too, it equals this process's pid. A process that inherited a worker's
+/// variables (a worker's own child) sees a pid that is not its own, ignores
+/// them and is a primary, as systemd's `LISTEN_PID` works. The environment
+/// is read, never changed. A malformed value, or a channel fd that is not a
+/// socket to our parent, is an `InvalidInput` error naming the variable.
+///
+/// Call it once per process. Its decision holds for the process's life: a
+/// second call is an `AlreadyExists` error naming the role (and worker id)
+/// the first call returned. A second `Primary` would take the first one's
+/// signals; a second `Worker` would own the channel twice. A call that
+/// failed before deciding anything (a malformed variable) may be repeated.
+/// [`is_worker`], [`is_primary`] and [`worker_id`] read the decision.
 pub fn role() -> io::Result<Role> {
-    match Worker::from_env()? {
+    let mut claim = decision::Claim::take()?;
+    match worker::Worker::from_env_claimed(&mut claim)? {
         Some(w) => Ok(Role::Worker(w)),
         None => {
             let mut settings = Settings::default();
@@ -115,7 +130,129 @@ pub fn role() -> io::Result<Role> {
             if let Some(w) = primary::window_from_env()? {
                 settings.window = w;
             }
-            Primary::new(settings).map(Role::Primary)
+            let p = Primary::new(settings)?;
+            claim.settle(decision::Decided::Primary);
+            Ok(Role::Primary(p))
+        }
+    }
+}
+
+/// True once [`role`] returned [`Role::Primary`] in this process (≈
+/// `cluster.isPrimary`, except that it is false before `role()` decided).
+pub fn is_primary() -> bool {
+    decision::current() == Some(decision::Decided::Primary)
+}
+
+/// True once [`role`] (or [`Worker::from_env`]) made this process a worker
+/// (≈ `cluster.isWorker`).
+pub fn is_worker() -> bool {
+    worker_id().is_some()
+}
+
+/// This worker's id (≈ `cluster.worker.id`), once [`role`] made this
+/// process a worker; `None` in a primary or before `role()`.
+pub fn worker_id() -> Option<u32> {
+    match decision::current() {
+        Some(decision::Decided::Worker(id)) => Some(id),
+        _ => None,
+    }
+}
+
+/// What [`role`] decided, for the life of the process (exec starts afresh).
+pub(crate) mod decision {
+    use std::io;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    // 0: undecided; 1: a call is deciding; 2: primary; id << 8 | 3: worker
+    // id; id << 8 | 4: worker id that adopted its channel, then failed.
+    static STATE: AtomicU64 = AtomicU64::new(UNDECIDED);
+    const UNDECIDED: u64 = 0;
+    const DECIDING: u64 = 1;
+    const PRIMARY: u64 = 2;
+    const WORKER: u64 = 3;
+    const WORKER_FAILED: u64 = 4;
+
+    /// A role this process took.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Decided {
+        Primary,
+        Worker(u32),
+        /// Adopted the channel of worker `id`, then failed: the channel fd
+        /// is gone, so no later call may adopt that fd number again.
+        FailedWorker(u32),
+    }
+
+    fn decode(v: u64) -> Option<Decided> {
+        let id = (v >> 8) as u32;
+        match v & 0xff {
+            PRIMARY => Some(Decided::Primary),
+            WORKER => Some(Decided::Worker(id)),
+            WORKER_FAILED => Some(Decided::FailedWorker(id)),
+            _ => None,
+        }
+    }
+
+    fn encode(d: Decided) -> u64 {
+        match d {
+            Decided::Primary => PRIMARY,
+            Decided::Worker(id) => u64::from(id) << 8 | WORKER,
+            Decided::FailedWorker(id) => u64::from(id) << 8 | WORKER_FAILED,
+        }
+    }
+
+    /// The decision, if one was made.
+    pub(crate) fn current() -> Option<Decided> {
+        decode(STATE.load(Ordering::Acquire))
+    }
+
+    /// The right to decide, held by one call at a time. Dropped unsettled
+    /// (an error before anything was taken over, or a panic), it leaves the
+    /// process undecided.
+    #[derive(Debug)]
+    pub(crate) struct Claim {
+        settled: bool,
+    }
+
+    impl Claim {
+        /// Takes the right to decide, or says why not: `AlreadyExists`
+        /// naming the earlier decision.
+        pub(crate) fn take() -> io::Result<Claim> {
+            match STATE.compare_exchange(UNDECIDED, DECIDING, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => Ok(Claim { settled: false }),
+                Err(v) => {
+                    let what = match decode(v) {
+                        Some(Decided::Primary) => "returned Primary: a second primary would \
+                             take the first one's signals"
+                            .to_string(),
+                        Some(Decided::Worker(id)) => {
+                            format!("returned Worker {id}: the channel is adopted once per process")
+                        }
+                        Some(Decided::FailedWorker(id)) => format!(
+                            "adopted the channel of worker {id}, then failed: it cannot be \
+                             adopted again"
+                        ),
+                        None => "is still deciding in another thread".to_string(),
+                    };
+                    Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!("syncluster::role() was already called in this process and {what}"),
+                    ))
+                }
+            }
+        }
+
+        /// Records the decision for the rest of the process's life.
+        pub(crate) fn settle(&mut self, d: Decided) {
+            STATE.store(encode(d), Ordering::Release);
+            self.settled = true;
+        }
+    }
+
+    impl Drop for Claim {
+        fn drop(&mut self) {
+            if !self.settled {
+                STATE.store(UNDECIDED, Ordering::Release);
+            }
         }
     }
 }

@@ -242,9 +242,11 @@ fn fork_env_reaches_the_worker_and_internal_vars_do_not() {
         (a, "ONLY_PRIMARY", "yes"),
         (b, "FOO", "from-primary"),
         (b, "EXTRA", "<unset>"),
-        (a, "SYNCLUSTER_WORKER_ID", "<unset>"),
-        (a, "SYNCLUSTER_CHANNEL_FD", "<unset>"),
-        (b, "SYNCLUSTER_WORKER_ID", "<unset>"),
+        // role() reads the environment and never changes it (a worker's
+        // children ignore these by SYNCLUSTER_WORKER_PID, tests/worker_lifetime.rs).
+        (a, "SYNCLUSTER_WORKER_ID", &a.to_string()),
+        (a, "SYNCLUSTER_CHANNEL_FD", "3"),
+        (b, "SYNCLUSTER_WORKER_ID", &b.to_string()),
     ] {
         p.ask(&format!("send {id} env {name}"), "ok send");
         p.expect_line(&format!("message {id} env:{want} fds=0"), T);

@@ -12,7 +12,13 @@ use super::cvt;
 /// to carry that number is left alone and an error names what is wrong.
 /// The adopted fd is made close-on-exec again, so the worker's own children
 /// do not inherit it. Call once: nothing else may own `raw`.
-pub fn adopt_channel(raw: RawFd) -> io::Result<OwnedFd> {
+///
+/// Returns the fd and the peer's pid as `SO_PEERCRED` gives it (the pid
+/// that made the socketpair: the primary). That pid, not 1, is what tells
+/// later whether the primary is still our parent: the primary may itself be
+/// pid 1 (a container without an init), and an orphan may be adopted by a
+/// subreaper rather than by pid 1.
+pub fn adopt_channel(raw: RawFd) -> io::Result<(OwnedFd, i32)> {
     let bad = |why: String| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -59,5 +65,5 @@ pub fn adopt_channel(raw: RawFd) -> io::Result<OwnedFd> {
     // made for us; by this function's contract nobody else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     super::fd::set_cloexec(std::os::fd::AsFd::as_fd(&fd), true)?;
-    Ok(fd)
+    Ok((fd, cred.pid))
 }

@@ -17,7 +17,8 @@ use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::env::{ENV_CHANNEL_FD, ENV_WORKER_ID};
+use crate::decision::{Claim, Decided};
+use crate::env::{ENV_CHANNEL_FD, ENV_WORKER_ID, ENV_WORKER_PID};
 use crate::ipc::channel::{Channel, Frame, Recv};
 use crate::ipc::wire::Kind;
 use crate::protocol::{self, Endpoint, Policy, Query, REJECTED};
@@ -26,6 +27,10 @@ use crate::sys::{self, epoll, poll};
 
 const TOKEN_CHANNEL: u64 = 1 << 63;
 const TOKEN_LISTENER: u64 = (1 << 63) | (1 << 62);
+
+/// How long a shared listener rests after `accept` failed for want of
+/// resources (`EMFILE`...): it stays readable, so retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A connection from a TCP or a Unix listener.
 #[derive(Debug)]
@@ -107,12 +112,16 @@ struct ListenerState {
     key: String,
     index: u32,
     shared: Option<OwnedFd>,
+    // Set while a shared listener is out of epoll after a failed accept.
+    resume_at: Option<Instant>,
     queue: VecDeque<(u32, OwnedFd)>,
 }
 
 #[derive(Debug)]
 struct Inner {
     id: u32,
+    // The primary's pid, from SO_PEERCRED at adoption.
+    primary_pid: i32,
     channel: Channel,
     epoll: epoll::Epoll,
     events_buf: epoll::Events,
@@ -162,14 +171,34 @@ fn bad_env(var: &str, value: &str, why: &str) -> io::Error {
 }
 
 impl Worker {
-    /// Reads `SYNCLUSTER_WORKER_ID` and `SYNCLUSTER_CHANNEL_FD`, removes
-    /// both from the environment, adopts the channel and says Online.
-    /// `Ok(None)` when neither is set (this is not a worker).
+    /// Reads `SYNCLUSTER_WORKER_ID` and `SYNCLUSTER_CHANNEL_FD`, adopts the
+    /// channel and says Online. `Ok(None)` when neither is set, or when
+    /// `SYNCLUSTER_WORKER_PID` is set to a pid that is not ours (the
+    /// variables were inherited: this is not a worker). The environment is
+    /// left as it is. This is [`crate::role`] without the primary side, and
+    /// shares its once-per-process rule: after a worker or primary was made,
+    /// it is an `AlreadyExists` error.
     pub fn from_env() -> io::Result<Option<Worker>> {
+        let mut claim = Claim::take()?;
+        Worker::from_env_claimed(&mut claim)
+    }
+
+    /// [`Worker::from_env`] under a claim already taken: settles it once
+    /// the channel is adopted, successfully or not.
+    pub(crate) fn from_env_claimed(claim: &mut Claim) -> io::Result<Option<Worker>> {
+        if let Some(v) = std::env::var_os(ENV_WORKER_PID) {
+            let s = v.to_string_lossy();
+            let pid = s
+                .parse::<i32>()
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| bad_env(ENV_WORKER_PID, &s, "not a pid"))?;
+            if pid != sys::process::getpid() {
+                return Ok(None);
+            }
+        }
         let id_var = std::env::var_os(ENV_WORKER_ID);
         let fd_var = std::env::var_os(ENV_CHANNEL_FD);
-        std::env::remove_var(ENV_WORKER_ID);
-        std::env::remove_var(ENV_CHANNEL_FD);
         let (id_raw, fd_raw) = match (id_var, fd_var) {
             (None, None) => return Ok(None),
             (Some(_), None) => {
@@ -198,12 +227,23 @@ impl Worker {
             .ok()
             .filter(|&f| f > 2)
             .ok_or_else(|| bad_env(ENV_CHANNEL_FD, &fd_s, "not an fd number above 2"))?;
-        let fd = sys::inherit::adopt_channel(raw)
+        let (fd, primary_pid) = sys::inherit::adopt_channel(raw)
             .map_err(|e| bad_env(ENV_CHANNEL_FD, &fd_s, &e.to_string()))?;
-        Worker::with_channel(id, fd).map(Some)
+        // The fd is ours now: whatever happens next, no later call may
+        // adopt that number again.
+        match Worker::with_channel(id, fd, primary_pid) {
+            Ok(w) => {
+                claim.settle(Decided::Worker(id));
+                Ok(Some(w))
+            }
+            Err(e) => {
+                claim.settle(Decided::FailedWorker(id));
+                Err(e)
+            }
+        }
     }
 
-    fn with_channel(id: u32, fd: OwnedFd) -> io::Result<Worker> {
+    fn with_channel(id: u32, fd: OwnedFd, primary_pid: i32) -> io::Result<Worker> {
         let mut channel = Channel::new(fd, false);
         channel.send(Kind::Online, 0, 0, &[], &[])?;
         let epoll = epoll::Epoll::new()?;
@@ -211,6 +251,7 @@ impl Worker {
         Ok(Worker {
             inner: Rc::new(RefCell::new(Inner {
                 id,
+                primary_pid,
                 channel,
                 epoll,
                 events_buf: epoll::Events::with_capacity(64),
@@ -232,6 +273,21 @@ impl Worker {
         self.inner.borrow().id
     }
 
+    /// The primary's pid, as the channel's `SO_PEERCRED` gave it when the
+    /// worker adopted it (in the worker's pid namespace: 1 when the primary
+    /// is a container's init).
+    pub fn primary_pid(&self) -> i32 {
+        self.inner.borrow().primary_pid
+    }
+
+    /// True while the primary is still this process's parent. Once it died,
+    /// the worker was handed to pid 1 or to a subreaper; comparing the
+    /// parent with 1 would be wrong both when the primary is pid 1 and when
+    /// a subreaper takes the orphans.
+    pub fn primary_is_parent(&self) -> bool {
+        sys::process::getppid() == self.inner.borrow().primary_pid
+    }
+
     /// A duplicate of the channel fd, for fault-injection tests that must
     /// write raw bytes to the primary. Not for normal use.
     #[doc(hidden)]
@@ -248,11 +304,15 @@ impl Worker {
         sys::signal::set_ignored(sys::signal::SIGINT, true)?;
         sys::signal::set_ignored(sys::signal::SIGTERM, true)?;
         sys::process::set_pdeathsig(sys::signal::SIGKILL)?;
-        if sys::process::getppid() == 1 {
+        if !self.primary_is_parent() {
             // The primary died before the new death signal was armed.
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
-                "the primary is gone",
+                format!(
+                    "the primary (pid {}) is gone: our parent is now pid {}",
+                    self.primary_pid(),
+                    sys::process::getppid()
+                ),
             ));
         }
         Ok(())
@@ -330,6 +390,7 @@ impl Worker {
             key,
             index,
             shared,
+            resume_at: None,
             queue: VecDeque::new(),
         }));
         inner.channel.send(Kind::Listening, 0, handle, &[], &[])?;
@@ -601,6 +662,13 @@ impl Inner {
             // would never report those.
             return self.read_channel(false);
         }
+        let timeout = match self.resume_listeners() {
+            Some(at) => {
+                let left = at.saturating_duration_since(Instant::now());
+                Some(timeout.map_or(left, |t| t.min(left)))
+            }
+            None => timeout,
+        };
         let mut evs = std::mem::replace(&mut self.events_buf, epoll::Events::with_capacity(1));
         let res = self.epoll.wait(&mut evs, timeout);
         let mut out = Ok(());
@@ -630,10 +698,52 @@ impl Inner {
         if self.disconnect_requested || self.primary_gone {
             return None;
         }
-        let l = self.listeners.get(idx)?.as_ref()?;
+        let l = self.listeners.get_mut(idx)?.as_mut()?;
         let fd = l.shared.as_ref()?;
-        let conn = sys::socket::accept(fd.as_fd(), false).ok()?;
-        Some(Event::Connection(idx, to_stream(conn, l.unix)))
+        match sys::socket::accept(fd.as_fd(), false) {
+            Ok(conn) => Some(Event::Connection(idx, to_stream(conn, l.unix))),
+            Err(e) if accept_must_rest(&e) => {
+                // Level-triggered and still readable: out of epoll for a
+                // while, or the loop would spin. Other workers sharing the
+                // socket take its connections meanwhile.
+                let _ = self.epoll.delete(fd.as_fd());
+                l.resume_at = Some(Instant::now() + ACCEPT_BACKOFF);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    // Puts back into epoll the shared listeners whose rest is over; returns
+    // when the next one ends.
+    fn resume_listeners(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        for (idx, slot) in self.listeners.iter_mut().enumerate() {
+            let Some(l) = slot.as_mut() else { continue };
+            let Some(at) = l.resume_at else { continue };
+            let Some(fd) = l.shared.as_ref() else {
+                l.resume_at = None;
+                continue;
+            };
+            if at > now {
+                next = Some(next.map_or(at, |n| n.min(at)));
+                continue;
+            }
+            l.resume_at = None;
+            let bits = epoll::READABLE | epoll::EXCLUSIVE;
+            if self
+                .epoll
+                .add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64)
+                .is_err()
+            {
+                // Cannot watch it now (ENOMEM, ENOSPC): try again later.
+                let at = now + ACCEPT_BACKOFF;
+                l.resume_at = Some(at);
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        next
     }
 
     // Pops a connection handed over by the primary and acknowledges it.
@@ -695,6 +805,13 @@ impl Inner {
                 .send(Kind::ConnReply, REJECTED, l.handle, &body, &[]);
         }
     }
+}
+
+/// True when `accept` failed for want of resources, which a ready listener
+/// keeps reporting until some are freed: `EMFILE`, `ENFILE`, `ENOBUFS`,
+/// `ENOMEM` (Linux numbers: this module names no libc).
+fn accept_must_rest(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
 fn to_stream(fd: OwnedFd, unix: bool) -> Stream {
@@ -783,7 +900,7 @@ impl Listener {
                 Some(fd) => match sys::socket::accept(fd.as_fd(), false) {
                     Ok(conn) => return Ok(to_stream(conn, unix)),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
-                    Err(e) if matches!(e.raw_os_error(), Some(23 | 24)) => {
+                    Err(e) if accept_must_rest(&e) => {
                         // EMFILE: back off instead of spinning on a ready listener.
                         std::thread::sleep(Duration::from_millis(10));
                         true
