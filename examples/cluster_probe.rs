@@ -18,7 +18,8 @@
 //! Commands (each answers `ok <word>` or `err <word> <message>`, except where
 //! another answer is named):
 //! - `set exec PATH` | `set args A B ...` | `set cwd DIR` | `set policy rr|shared` |
-//!   `set window N` | `set queue N` | `set backlog N` | `set hang MS` (0 = off)
+//!   `set window N` | `set queue N` | `set backlog N` | `set hang MS` (0 = off) |
+//!   `set uid N` | `set gid N` | `set user NAME [GROUP]` (`Settings::set_user`)
 //! - `fork [KEY=VALUE ...]` → `forked <id>` (or `err fork <msg>`); the Fork
 //!   event prints `fork <id>` too
 //! - `send <id> <text...>` ; `sendfd <id> <text...>`: sends the text with one
@@ -450,6 +451,15 @@ fn set(p: &mut Primary, what: &str, args: Vec<&str>) -> Result<(), String> {
         "window" => p.settings_mut().window = num(one, "window")?,
         "queue" => p.settings_mut().queue_limit = num(one, "queue")?,
         "backlog" => p.settings_mut().backlog = num(one, "backlog")?,
+        "uid" => p.settings_mut().uid = Some(num(one, "uid")?),
+        "gid" => p.settings_mut().gid = Some(num(one, "gid")?),
+        "user" => {
+            let user = one.ok_or("missing NAME")?;
+            let group = args.get(1).copied();
+            p.settings_mut()
+                .set_user(user, group)
+                .map_err(|e| e.to_string())?;
+        }
         "hang" => {
             let n: u64 = num(one, "hang")?;
             p.set_hang_timeout((n > 0).then(|| Duration::from_millis(n)));

@@ -230,7 +230,7 @@ fn messages_both_ways_with_and_without_fds() {
 /// test-cluster-fork-env: the fork's env reaches the worker and overrides
 /// the primary's; the cluster's own variables do not reach user code.
 #[test]
-fn fork_env_reaches_the_worker_and_internal_vars_do_not() {
+fn fork_env_reaches_the_worker_and_marks_it_with_its_own_pid() {
     let mut p = Probe::start_with(|c| {
         c.env("FOO", "from-primary").env("ONLY_PRIMARY", "yes");
     });
@@ -250,6 +250,12 @@ fn fork_env_reaches_the_worker_and_internal_vars_do_not() {
     ] {
         p.ask(&format!("send {id} env {name}"), "ok send");
         p.expect_line(&format!("message {id} env:{want} fds=0"), T);
+    }
+    // SYNCLUSTER_WORKER_PID is the worker's own pid, written by the child
+    // after fork: a grandchild that inherits it is not a worker.
+    for (id, pid) in p.worker_pids() {
+        p.ask(&format!("send {id} env SYNCLUSTER_WORKER_PID"), "ok send");
+        p.expect_line(&format!("message {id} env:{pid} fds=0"), T);
     }
     p.cmd("fork NOEQUALS");
     p.expect("err fork ", T);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use syncluster::sys::process::{self, ExitStatus, SpawnPlan};
+use syncluster::sys::process::{self, ChildError, ExitStatus, SpawnPlan, Stage};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -68,6 +68,12 @@ fn run_capture(plan: &SpawnPlan) -> (ExitStatus, String) {
     (status, out)
 }
 
+/// The stage and errno of a failure in the child, and the message.
+fn child_error(err: &io::Error) -> (Stage, i32, String) {
+    let c = ChildError::of(err).unwrap_or_else(|| panic!("not a ChildError: {err:?}"));
+    (c.stage(), c.errno(), err.to_string())
+}
+
 fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("syncluster-spawn-{}-{name}", std::process::id()))
 }
@@ -75,7 +81,13 @@ fn temp_path(name: &str) -> PathBuf {
 #[test]
 fn spawn_of_missing_program_returns_enoent() {
     let err = process::spawn(&plan("/nonexistent/x", &["x"]), &[]).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    let (stage, errno, msg) = child_error(&err);
+    assert_eq!((stage, errno), (Stage::Exec, libc::ENOENT));
+    assert!(
+        msg.starts_with("exec /nonexistent/x: No such file or directory"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -87,7 +99,7 @@ fn spawn_of_non_executable_returns_eacces() {
     let result = process::spawn(&plan, &[]);
     let _ = std::fs::remove_file(&path);
     let err = result.unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    assert_eq!(child_error(&err).1, libc::EACCES, "{err}");
 }
 
 #[test]
@@ -97,7 +109,7 @@ fn exec_error_is_reported_even_when_targets_cover_low_fds() {
     let null = File::open("/dev/null").unwrap();
     let fds: Vec<(BorrowedFd<'_>, RawFd)> = (3..=10).map(|t| (null.as_fd(), t)).collect();
     let err = process::spawn(&plan("/nonexistent/x", &["x"]), &fds).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    assert_eq!(child_error(&err).1, libc::ENOENT, "{err}");
 }
 
 #[test]
@@ -210,11 +222,16 @@ fn env_cwd_and_args_reach_the_child() {
 }
 
 #[test]
-fn missing_cwd_is_reported() {
+fn missing_cwd_is_reported_as_chdir() {
     let mut plan = plan("/bin/true", &["true"]);
     plan.cwd(Path::new("/nonexistent/dir")).unwrap();
     let err = process::spawn(&plan, &[]).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    let (stage, errno, msg) = child_error(&err);
+    assert_eq!((stage, errno), (Stage::Chdir, libc::ENOENT));
+    assert!(
+        msg.starts_with("chdir /nonexistent/dir: No such file or directory"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -301,5 +318,168 @@ fn pdeathsig_is_applied_and_pids_are_ours() {
     let mut bad = self::plan("/bin/true", &["true"]);
     bad.pdeathsig(Some(1000));
     let err = process::spawn(&bad, &[]).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    let (stage, errno, msg) = child_error(&err);
+    assert_eq!((stage, errno), (Stage::Pdeathsig, libc::EINVAL));
+    assert!(msg.starts_with("prctl(PR_SET_PDEATHSIG, 1000): "), "{msg}");
+}
+
+fn am_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        == Some("0")
+}
+
+/// The `Uid:`, `Gid:` and `Groups:` lines of the child's /proc/self/status,
+/// each as its space-separated words.
+fn ids_of(mut plan: SpawnPlan) -> [String; 3] {
+    plan.cwd(Path::new("/")).unwrap();
+    let (status, out) = run_capture(&plan);
+    assert_eq!(status, ExitStatus::Code(0), "{out}");
+    ["Uid:", "Gid:", "Groups:"].map(|field| {
+        let line = out.lines().find_map(|l| l.strip_prefix(field));
+        let words: Vec<&str> = line.expect(field).split_whitespace().collect();
+        words.join(" ")
+    })
+}
+
+fn id_plan() -> SpawnPlan {
+    plan(
+        "/bin/grep",
+        &["grep", "-E", "^(Uid|Gid|Groups):", "/proc/self/status"],
+    )
+}
+
+#[test]
+fn uid_gid_and_groups_are_what_the_plan_says() {
+    if !am_root() {
+        eprintln!("skipped: not root");
+        return;
+    }
+    let mut p = id_plan();
+    p.uid(65534);
+    p.gid(100);
+    p.groups(&[65534, 4000000, 100]);
+    assert_eq!(
+        ids_of(p),
+        [
+            "65534 65534 65534 65534",
+            "100 100 100 100",
+            "100 65534 4000000"
+        ]
+    );
+    // A uid and gid without a group list: every supplementary group goes.
+    let mut p = id_plan();
+    p.uid(65534);
+    p.gid(65534);
+    assert_eq!(ids_of(p)[2], "");
+    // A group list alone applies too (uid and gid are inherited).
+    let mut p = id_plan();
+    p.groups(&[7]);
+    assert_eq!(ids_of(p)[2], "7");
+}
+
+#[test]
+fn uid_without_gid_is_refused_before_fork() {
+    let mut p = plan("/bin/true", &["true"]);
+    p.uid(65534);
+    let err = process::spawn(&p, &[]).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("uid 65534 without a gid"), "{err}");
+    assert!(ChildError::of(&err).is_none(), "no child was forked");
+}
+
+#[test]
+fn each_credential_step_names_itself_on_failure() {
+    if !am_root() {
+        eprintln!("skipped: not root");
+        return;
+    }
+    // Root may set any id but (uid_t)-1, which the kernel refuses (EINVAL).
+    const BAD: u32 = u32::MAX;
+    let mut groups = plan("/bin/true", &["true"]);
+    groups.uid(65534);
+    groups.gid(65534);
+    groups.groups(&[65534, BAD]);
+    let mut gid = plan("/bin/true", &["true"]);
+    gid.uid(65534);
+    gid.gid(BAD);
+    let mut uid = plan("/bin/true", &["true"]);
+    uid.uid(BAD);
+    uid.gid(65534);
+    for (plan, stage, what) in [
+        (groups, Stage::Setgroups, "setgroups([65534, 4294967295]): "),
+        (gid, Stage::Setgid, "setgid(4294967295): "),
+        (uid, Stage::Setuid, "setuid(4294967295): "),
+    ] {
+        let err = process::spawn(&plan, &[]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+        let (got, errno, msg) = child_error(&err);
+        assert_eq!((got, errno), (stage, libc::EINVAL), "{msg}");
+        assert!(msg.starts_with(what), "{msg}");
+        assert!(msg.ends_with("Invalid argument (os error 22)"), "{msg}");
+    }
+}
+
+#[test]
+fn env_child_pid_holds_each_childs_own_pid() {
+    let mut plan = SpawnPlan::new(
+        Path::new("/bin/sh"),
+        &args(&["sh", "-c", "echo \"$LISTEN_PID $$ $OTHER $WORKER_PID\""]),
+        &env(&[("LISTEN_PID", "stale"), ("OTHER", "kept")]),
+    )
+    .unwrap();
+    plan.env_child_pid("LISTEN_PID").unwrap();
+    plan.env_child_pid("WORKER_PID").unwrap();
+    // One plan, several children: each sees its own pid, never a neighbour's.
+    let mut pids = Vec::new();
+    for _ in 0..3 {
+        let null = File::open("/dev/null").unwrap();
+        let (read_end, write_end) = process::pipe().unwrap();
+        let pid = process::spawn(&plan, &[(null.as_fd(), 0), (write_end.as_fd(), 1)]).unwrap();
+        drop(write_end);
+        assert_eq!(wait_deadline(pid), ExitStatus::Code(0));
+        let mut out = String::new();
+        File::from(read_end).read_to_string(&mut out).unwrap();
+        assert_eq!(out, format!("{pid} {pid} kept {pid}\n"));
+        pids.push(pid);
+    }
+    pids.dedup();
+    assert_eq!(pids.len(), 3, "{pids:?}");
+}
+
+#[test]
+fn env_child_pid_appears_once_in_environ() {
+    let mut plan = SpawnPlan::new(
+        Path::new("/bin/sleep"),
+        &args(&["sleep", "10"]),
+        &env(&[("A", "1"), ("LISTEN_PID", "stale")]),
+    )
+    .unwrap();
+    plan.env_child_pid("LISTEN_PID").unwrap();
+    plan.env_child_pid("LISTEN_PID").unwrap();
+    let pid = process::spawn(&plan, &[]).unwrap();
+    // Exec is done once spawn returns, so environ is the new program's.
+    let environ = std::fs::read(format!("/proc/{pid}/environ"));
+    process::kill(pid, libc::SIGKILL).unwrap();
+    assert_eq!(wait_deadline(pid), ExitStatus::Signal(libc::SIGKILL));
+    let environ = environ.unwrap();
+    let entries: Vec<&[u8]> = environ
+        .split(|&b| b == 0)
+        .filter(|e| !e.is_empty())
+        .collect();
+    let want = format!("LISTEN_PID={pid}");
+    assert_eq!(entries, [&b"A=1"[..], want.as_bytes()]);
+}
+
+#[test]
+fn env_child_pid_rejects_bad_keys() {
+    let mut plan = plan("/bin/true", &["true"]);
+    for bad in ["", "A=B", "A\0B"] {
+        let err = plan.env_child_pid(bad).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+    }
+    assert!(!format!("{plan:?}").contains("A=B"));
 }

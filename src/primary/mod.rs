@@ -79,10 +79,15 @@ pub struct Settings {
     pub env: Vec<(OsString, OsString)>,
     /// Working directory of workers; `None` inherits the primary's.
     pub cwd: Option<PathBuf>,
-    /// Run workers as this user id.
+    /// Run workers as this user id. Needs `gid` too: a fork with a uid
+    /// alone fails (the worker would keep the primary's group).
+    /// [`Settings::set_user`] sets both from a user name.
     pub uid: Option<u32>,
     /// Run workers as this group id.
     pub gid: Option<u32>,
+    /// Supplementary groups of workers that have a uid or gid; empty (the
+    /// default) drops them all. [`Settings::set_user`] fills it in.
+    pub groups: Vec<u32>,
     /// Inherit or pipe worker stdout/stderr.
     pub stdio: Stdio,
     /// Round robin or shared; the default comes from `SYNCLUSTER_SCHED_POLICY`, else rr.
@@ -113,6 +118,7 @@ impl Default for Settings {
             cwd: None,
             uid: None,
             gid: None,
+            groups: Vec::new(),
             stdio: Stdio::Inherit,
             policy: Policy::RoundRobin,
             backlog: 511,
@@ -121,6 +127,19 @@ impl Default for Settings {
             max_payload: wire::DEFAULT_MAX_PAYLOAD,
             orphan_linger: Duration::from_secs(30),
         }
+    }
+}
+
+impl Settings {
+    /// Runs workers as `user` (a name, or a uid with a passwd entry) in
+    /// `group` (a name or a gid; `None`: the user's primary group), with
+    /// the user's supplementary groups (`getgrouplist`), as systemd's
+    /// `User=`/`Group=`. Resolved now, before any fork; sets `uid`, `gid`
+    /// and `groups`. An unknown user or group is `InvalidInput` naming it.
+    pub fn set_user(&mut self, user: &str, group: Option<&str>) -> io::Result<()> {
+        let c = crate::sys::user::Credentials::lookup(user, group)?;
+        (self.uid, self.gid, self.groups) = (Some(c.uid), Some(c.gid), c.groups);
+        Ok(())
     }
 }
 

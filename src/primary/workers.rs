@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::event_loop::TOKEN_WORKER;
 use super::round_robin::Conn;
 use super::{Event, Primary, Stdio};
-use crate::env::{ENV_CHANNEL_FD, ENV_WORKER_ID};
+use crate::env::{ENV_CHANNEL_FD, ENV_WORKER_ID, ENV_WORKER_PID};
 use crate::ipc::channel::Channel;
 use crate::ipc::wire::Kind;
 use crate::protocol::Policy;
@@ -122,7 +122,7 @@ impl Primary {
             Some(args) => argv.extend(args.iter().cloned()),
             None => argv.extend(std::env::args_os().skip(1)),
         }
-        let ours = |k: &OsStr| k == ENV_WORKER_ID || k == ENV_CHANNEL_FD;
+        let ours = |k: &OsStr| k == ENV_WORKER_ID || k == ENV_CHANNEL_FD || k == ENV_WORKER_PID;
         let mut vars: Vec<(OsString, OsString)> =
             std::env::vars_os().filter(|(k, _)| !ours(k)).collect();
         let mut set = |k: &OsStr, v: &OsStr| {
@@ -153,6 +153,10 @@ impl Primary {
         if let Some(uid) = s.uid {
             plan.uid(uid);
         }
+        if s.uid.is_some() || s.gid.is_some() {
+            plan.groups(&s.groups);
+        }
+        plan.env_child_pid(ENV_WORKER_PID)?;
         let (ours_end, theirs) = sys::socket::socketpair()?;
         let pipes = match s.stdio {
             Stdio::Inherit => None,
@@ -163,12 +167,8 @@ impl Primary {
             map.push((out_w.as_fd(), 1));
             map.push((err_w.as_fd(), 2));
         }
-        let pid = process::spawn(&plan, &map).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("fork of worker {id}: exec {}: {e}", exec.display()),
-            )
-        })?;
+        let pid = process::spawn(&plan, &map)
+            .map_err(|e| io::Error::new(e.kind(), format!("fork of worker {id}: {e}")))?;
         drop(map);
         drop(theirs);
         let (stdout, stderr) = match pipes {

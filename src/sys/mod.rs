@@ -14,6 +14,7 @@ pub mod poll;
 pub mod process;
 pub mod signal;
 pub mod socket;
+pub mod user;
 
 /// Values a syscall returns to say "failed, see errno".
 pub trait IsMinusOne: Copy {

@@ -6,8 +6,10 @@
 //! parent first ([`SpawnPlan`], plus fixed-size stack arrays in [`spawn`]),
 //! because after `fork` in a multi-threaded process only async-signal-safe
 //! calls are allowed: another thread may have held the allocator's lock.
+//! User and group names are resolved before too ([`super::user`]).
 
-use std::ffi::{CString, OsString};
+use std::error::Error;
+use std::ffi::{CString, OsStr, OsString};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
@@ -72,12 +74,16 @@ pub struct SpawnPlan {
     cwd: Option<CString>,
     uid: Option<libc::uid_t>,
     gid: Option<libc::gid_t>,
+    groups: Option<Box<[libc::gid_t]>>,
     pdeathsig: Option<i32>,
+    /// Entries whose value the child fills in with its own pid.
+    pid_env: Vec<PidSlot>,
 }
 
-// SAFETY: the raw pointers only point into the `CString`s the plan owns; they
-// are written once in `new`, never mutated, and only read (by the forked
-// child). Sharing or sending the plan is as safe as sharing its `CString`s.
+// SAFETY: the raw pointers only point into buffers the plan owns (its
+// `CString`s and the `PidSlot`s); the parent never writes through them after
+// building them, and only a forked child, in its own copy of memory, writes
+// a pid slot. Sharing or sending the plan is as safe as sharing its strings.
 unsafe impl Send for SpawnPlan {}
 // SAFETY: see the `Send` impl; `&SpawnPlan` gives no way to mutate anything.
 unsafe impl Sync for SpawnPlan {}
@@ -125,7 +131,9 @@ impl SpawnPlan {
             cwd: None,
             uid: None,
             gid: None,
+            groups: None,
             pdeathsig: Some(libc::SIGTERM),
+            pid_env: Vec::new(),
         })
     }
 
@@ -138,14 +146,53 @@ impl SpawnPlan {
         Ok(())
     }
 
-    /// Makes the child `setuid(uid)` (after dropping supplementary groups).
+    /// Makes the child `setuid(uid)`, last of the credential changes. A uid
+    /// needs a [`gid`](SpawnPlan::gid) too: [`spawn`] refuses a uid alone,
+    /// which would leave the child in the parent's group (root's, typically).
     pub fn uid(&mut self, uid: u32) {
         self.uid = Some(uid);
     }
 
-    /// Makes the child `setgid(gid)` (after dropping supplementary groups).
+    /// Makes the child `setgid(gid)`, after `setgroups` and before `setuid`.
     pub fn gid(&mut self, gid: u32) {
         self.gid = Some(gid);
+    }
+
+    /// Makes the child `setgroups(groups)` before `setgid`. Without this
+    /// call, a plan with a uid or gid drops every supplementary group
+    /// (`setgroups(0, NULL)`), and one without inherits the parent's.
+    pub fn groups(&mut self, groups: &[u32]) {
+        self.groups = Some(groups.into());
+    }
+
+    /// Adds the environment entry `key=<the child's own pid>` (systemd's
+    /// `LISTEN_PID` needs that), replacing any `key` given to
+    /// [`SpawnPlan::new`].
+    ///
+    /// The entry is allocated here, with room for any pid; the child writes
+    /// the digits into its own copy after `fork`, so the plan serves any
+    /// number of spawns. `InvalidInput` if `key` is empty or contains `=` or
+    /// a NUL byte.
+    pub fn env_child_pid(&mut self, key: impl AsRef<OsStr>) -> io::Result<()> {
+        let key = key.as_ref();
+        // Validates the key the way `new` does.
+        let probe = env_entry(self.env.len(), &key.to_owned(), &OsString::new())?;
+        let mut prefix = probe.into_bytes(); // "KEY="
+        self.env.retain(|kv| !kv.as_bytes().starts_with(&prefix));
+        self.pid_env
+            .retain(|slot| !slot.bytes().starts_with(&prefix));
+        let value_at = prefix.len();
+        prefix.resize(value_at + PID_DIGITS + 1, 0);
+        self.pid_env
+            .push(PidSlot::new(prefix.into_boxed_slice(), value_at));
+        self.envp_ptrs = self
+            .env
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain(self.pid_env.iter().map(|slot| slot.ptr.cast_const().cast()))
+            .chain(std::iter::once(ptr::null()))
+            .collect();
+        Ok(())
     }
 
     /// Signal the child gets when its parent dies (`PR_SET_PDEATHSIG`), or
@@ -177,8 +224,82 @@ impl fmt::Debug for SpawnPlan {
             .field("cwd", &self.cwd)
             .field("uid", &self.uid)
             .field("gid", &self.gid)
+            .field("groups", &self.groups)
             .field("pdeathsig", &self.pdeathsig)
+            .field("pid_env", &self.pid_env)
             .finish()
+    }
+}
+
+/// Decimal digits of the largest pid (`i32::MAX`).
+const PID_DIGITS: usize = 10;
+
+/// One `KEY=<pid>` environment entry: `KEY=` and room for the digits and
+/// a NUL, on the heap, written only by a forked child.
+struct PidSlot {
+    /// From `Box::into_raw`; freed in `Drop`. Raw so that a child may write
+    /// its copy while the plan is borrowed shared.
+    ptr: *mut u8,
+    len: usize,
+    value_at: usize,
+}
+
+impl PidSlot {
+    fn new(buf: Box<[u8]>, value_at: usize) -> PidSlot {
+        let len = buf.len();
+        let ptr = Box::into_raw(buf).cast::<u8>();
+        PidSlot { ptr, len, value_at }
+    }
+
+    /// The entry as the parent sees it: `KEY=` and NULs.
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr/len describe the live allocation made in `new`, which
+        // the parent never writes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// Writes `pid` and a NUL after `KEY=`. For the forked child only:
+    /// no allocation, no panic.
+    fn write_pid(&self, pid: i32) {
+        let mut digits = [0u8; PID_DIGITS];
+        let mut n = pid.unsigned_abs();
+        let mut first = PID_DIGITS;
+        for slot in digits.iter_mut().rev() {
+            *slot = b'0' + (n % 10) as u8;
+            first -= 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        // SAFETY: ptr/len describe the allocation made in `new`; this child
+        // is single-threaded and holds no other reference into it.
+        let buf = unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) };
+        let value = buf.iter_mut().skip(self.value_at);
+        let digits = digits.iter().skip(first).chain(std::iter::once(&0));
+        for (dst, src) in value.zip(digits) {
+            *dst = *src;
+        }
+    }
+}
+
+impl Drop for PidSlot {
+    fn drop(&mut self) {
+        let slice = ptr::slice_from_raw_parts_mut(self.ptr, self.len);
+        // SAFETY: the pointer came from Box::into_raw of a boxed slice of
+        // exactly `len` bytes, and is freed only here.
+        drop(unsafe { Box::from_raw(slice) });
+    }
+}
+
+impl fmt::Debug for PidSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let key = self.bytes().get(..self.value_at.saturating_sub(1));
+        write!(
+            f,
+            "{}=<pid>",
+            String::from_utf8_lossy(key.unwrap_or_default())
+        )
     }
 }
 
@@ -296,15 +417,28 @@ impl FdPlan {
 /// more than [`MAX_FD_MAPPINGS`] entries, or a target is repeated or outside
 /// `0..64`.
 ///
+/// `InvalidInput` too for a plan with a uid and no gid.
+///
 /// C calls, parent: `pipe2(O_CLOEXEC)`, `fcntl(F_DUPFD_CLOEXEC)`,
 /// `pthread_sigmask`, `getpid`, `fork`, `read` (EINTR retried), and
-/// `waitpid` (EINTR retried) to reap a child whose exec failed. Child:
-/// `signal`, `prctl(PR_SET_PDEATHSIG)`, `getppid`, `fcntl`, `dup2`
-/// (EINTR retried), `close`, `close_range(CLOSE_RANGE_CLOEXEC)`, `chdir`,
-/// `setgroups`, `setgid`, `setuid`, `sigprocmask`, `execve`, and on failure
-/// `write` (EINTR retried) + `_exit(127)`. An exec failure comes back as the
-/// child's errno (e.g. `ENOENT`, `EACCES`), with the child already reaped.
+/// `waitpid` (EINTR retried) to reap a child that failed. Child, in this
+/// order: `signal`, `fcntl`, `dup2` (EINTR retried), `close`,
+/// `close_range(CLOSE_RANGE_CLOEXEC)`, `chdir`, `setgroups`, `setgid`,
+/// `setuid`, then `prctl(PR_SET_PDEATHSIG)` and `getppid` (after the
+/// credential change, which clears the death signal), `getpid`,
+/// `sigprocmask`, `execve`, and on failure `write` (EINTR retried) +
+/// `_exit(127)`.
+///
+/// A failure in the child comes back, with the child already reaped, as an
+/// `io::Error` of the errno's kind holding a [`ChildError`] that names the
+/// step: `"setuid(65534): Operation not permitted (os error 1)"`,
+/// `"chdir /nope: ..."`, `"exec /bin/x: ..."`.
 pub fn spawn(plan: &SpawnPlan, fds: &[(BorrowedFd<'_>, RawFd)]) -> io::Result<i32> {
+    if let (Some(uid), None) = (plan.uid, plan.gid) {
+        return Err(invalid_input(format!(
+            "spawn: uid {uid} without a gid (the child would keep the parent's group)"
+        )));
+    }
     let fd_plan = FdPlan::new(fds)?;
 
     let (err_read, err_write) = pipe()?;
@@ -349,7 +483,7 @@ pub fn spawn(plan: &SpawnPlan, fds: &[(BorrowedFd<'_>, RawFd)]) -> io::Result<i3
 
     // Only the child may hold a write end now, so EOF means exec closed it.
     drop(err_write);
-    let mut buf = [0u8; 4];
+    let mut buf = [0u8; 8];
     let mut got = 0;
     let mut pipe = File::from(err_read);
     while let Some(rest) = buf.get_mut(got..) {
@@ -373,13 +507,12 @@ pub fn spawn(plan: &SpawnPlan, fds: &[(BorrowedFd<'_>, RawFd)]) -> io::Result<i3
         _ => {
             // The child reported a failure and called _exit(127): reap it.
             let _ = wait_pid(pid);
-            if got == buf.len() {
-                Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)))
-            } else {
-                Err(io::Error::new(
+            match buf.get(..got).and_then(decode_report) {
+                Some((stage, errno)) => Err(ChildError::new(plan, stage, errno).into()),
+                None => Err(io::Error::new(
                     io::ErrorKind::Other,
-                    "spawn: short read on the exec error pipe",
-                ))
+                    "spawn: short read on the child's error pipe",
+                )),
             }
         }
     }
@@ -394,6 +527,131 @@ fn dup_above_targets(fd: OwnedFd, base: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(moved) })
 }
 
+/// The step of [`spawn`] that failed in the child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+#[repr(u32)]
+pub enum Stage {
+    /// Moving the mapped fds into place, or marking the rest close-on-exec.
+    Fds,
+    /// `chdir` to the plan's cwd.
+    Chdir,
+    /// `setgroups`.
+    Setgroups,
+    /// `setgid`.
+    Setgid,
+    /// `setuid`.
+    Setuid,
+    /// `prctl(PR_SET_PDEATHSIG)`.
+    Pdeathsig,
+    /// `sigprocmask`, unblocking every signal.
+    Sigmask,
+    /// `execve` itself.
+    Exec,
+}
+
+/// Every stage, indexed by its code (`stage as u32`).
+const STAGES: [Stage; 8] = [
+    Stage::Fds,
+    Stage::Chdir,
+    Stage::Setgroups,
+    Stage::Setgid,
+    Stage::Setuid,
+    Stage::Pdeathsig,
+    Stage::Sigmask,
+    Stage::Exec,
+];
+
+/// What the child writes on its error pipe: the stage code, then the errno,
+/// native-endian, 8 bytes in one `write`. No allocation, no panic.
+fn encode_report(stage: Stage, errno: i32) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    let bytes = (stage as u32).to_ne_bytes().into_iter();
+    for (dst, src) in out.iter_mut().zip(bytes.chain(errno.to_ne_bytes())) {
+        *dst = src;
+    }
+    out
+}
+
+/// The parent's side of [`encode_report`]; `None` unless `buf` is a whole
+/// report with a known stage.
+fn decode_report(buf: &[u8]) -> Option<(Stage, i32)> {
+    let (code, errno) = match buf {
+        [a, b, c, d, e, f, g, h] => ([*a, *b, *c, *d], [*e, *f, *g, *h]),
+        _ => return None,
+    };
+    let stage = STAGES.get(usize::try_from(u32::from_ne_bytes(code)).ok()?)?;
+    Some((*stage, i32::from_ne_bytes(errno)))
+}
+
+/// A failure in the forked child of [`spawn`]: which step, and its errno.
+///
+/// `spawn` returns it inside an `io::Error` of the errno's kind, whose
+/// message names the step and its argument (see [`ChildError::of`]).
+#[derive(Debug, Clone)]
+pub struct ChildError {
+    stage: Stage,
+    errno: i32,
+    what: String,
+}
+
+impl ChildError {
+    fn new(plan: &SpawnPlan, stage: Stage, errno: i32) -> ChildError {
+        let lossy = |c: Option<&CString>| {
+            c.map(|c| String::from_utf8_lossy(c.as_bytes()).into_owned())
+                .unwrap_or_default()
+        };
+        let opt = |n: Option<u32>| n.map(|n| n.to_string()).unwrap_or_default();
+        let what = match stage {
+            Stage::Fds => "setting up the child's fds".to_string(),
+            Stage::Chdir => format!("chdir {}", lossy(plan.cwd.as_ref())),
+            Stage::Setgroups => match plan.groups.as_deref().unwrap_or_default() {
+                list if list.len() <= 16 => format!("setgroups({list:?})"),
+                list => format!("setgroups({} groups)", list.len()),
+            },
+            Stage::Setgid => format!("setgid({})", opt(plan.gid)),
+            Stage::Setuid => format!("setuid({})", opt(plan.uid)),
+            Stage::Pdeathsig => format!(
+                "prctl(PR_SET_PDEATHSIG, {})",
+                plan.pdeathsig.unwrap_or_default()
+            ),
+            Stage::Sigmask => "sigprocmask".to_string(),
+            Stage::Exec => format!("exec {}", lossy(Some(&plan.program))),
+        };
+        ChildError { stage, errno, what }
+    }
+
+    /// The step that failed.
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    /// The errno it failed with.
+    pub fn errno(&self) -> i32 {
+        self.errno
+    }
+
+    /// The `ChildError` inside an error [`spawn`] returned, if it is one.
+    pub fn of(e: &io::Error) -> Option<&ChildError> {
+        e.get_ref()?.downcast_ref()
+    }
+}
+
+impl fmt::Display for ChildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let os = io::Error::from_raw_os_error(self.errno);
+        write!(f, "{}: {os}", self.what)
+    }
+}
+
+impl Error for ChildError {}
+
+impl From<ChildError> for io::Error {
+    fn from(e: ChildError) -> io::Error {
+        io::Error::new(io::Error::from_raw_os_error(e.errno).kind(), e)
+    }
+}
+
 /// The calling thread's errno. Async-signal-safe.
 fn errno() -> i32 {
     // SAFETY: __errno_location always returns a valid pointer to this
@@ -401,14 +659,14 @@ fn errno() -> i32 {
     unsafe { *libc::__errno_location() }
 }
 
-/// Reports `err` to the parent through the error pipe and exits. Runs in the
-/// forked child: async-signal-safe calls only.
-fn child_fail(err_fd: RawFd, err: i32) -> ! {
-    let bytes = err.to_ne_bytes();
+/// Reports `err` at `stage` to the parent through the error pipe and exits.
+/// Runs in the forked child: async-signal-safe calls only.
+fn child_fail(err_fd: RawFd, stage: Stage, err: i32) -> ! {
+    let bytes = encode_report(stage, err);
     loop {
-        // SAFETY: `bytes` is a valid 4-byte buffer; a bad fd only yields EBADF.
+        // SAFETY: `bytes` is a valid 8-byte buffer; a bad fd only yields EBADF.
         let n = unsafe { libc::write(err_fd, bytes.as_ptr().cast(), bytes.len()) };
-        // 4 bytes < PIPE_BUF, so a pipe write is all-or-nothing.
+        // 8 bytes < PIPE_BUF, so a pipe write is all-or-nothing.
         if n != -1 || errno() != libc::EINTR {
             break;
         }
@@ -433,30 +691,14 @@ fn child_after_fork(plan: &SpawnPlan, fds: &FdPlan, err_fd: RawFd, parent_pid: i
         unsafe { libc::signal(sig, libc::SIG_DFL) };
     }
 
-    // b. Parent-death signal, then close the race with a parent that died
-    //    before prctl: we have been reparented already.
-    if let Some(sig) = plan.pdeathsig {
-        // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number; a bad one
-        // yields EINVAL.
-        let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong) };
-        if rc == -1 {
-            child_fail(err_fd, errno());
-        }
-        // SAFETY: getppid is async-signal-safe and cannot fail.
-        if unsafe { libc::getppid() } != parent_pid {
-            // SAFETY: _exit is async-signal-safe; nobody is left to tell.
-            unsafe { libc::_exit(1) };
-        }
-    }
-
-    // c. Park every source above all targets first, so overlapping mappings
+    // b. Park every source above all targets first, so overlapping mappings
     //    (3->4 and 4->3) cannot clobber each other.
     let mut tmp: [RawFd; MAX_FD_MAPPINGS] = [-1; MAX_FD_MAPPINGS];
     for (slot, (src, _)) in tmp.iter_mut().zip(fds.map.iter().take(fds.len)) {
         // SAFETY: F_DUPFD_CLOEXEC only creates a new fd; a bad src is EBADF.
         let fd = unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, fds.park) };
         if fd == -1 {
-            child_fail(err_fd, errno());
+            child_fail(err_fd, Stage::Fds, errno());
         }
         *slot = fd;
     }
@@ -470,7 +712,7 @@ fn child_after_fork(plan: &SpawnPlan, fds: &FdPlan, err_fd: RawFd, parent_pid: i
             }
             let e = errno();
             if e != libc::EINTR {
-                child_fail(err_fd, e);
+                child_fail(err_fd, Stage::Fds, e);
             }
         }
     }
@@ -480,7 +722,7 @@ fn child_after_fork(plan: &SpawnPlan, fds: &FdPlan, err_fd: RawFd, parent_pid: i
         unsafe { libc::close(*tmp_fd) };
     }
 
-    // d. Everything >= 3 that is not a target becomes close-on-exec. The
+    // c. Everything >= 3 that is not a target becomes close-on-exec. The
     //    error pipe stays open until exec: it was close-on-exec already.
     for (first, last) in fds.gaps.iter().take(fds.gaps_len) {
         // SAFETY: close_range only changes fd flags; the arguments are plain
@@ -493,38 +735,70 @@ fn child_after_fork(plan: &SpawnPlan, fds: &FdPlan, err_fd: RawFd, parent_pid: i
                 cloexec_fallback(fds, err_fd);
                 break;
             }
-            child_fail(err_fd, e);
+            child_fail(err_fd, Stage::Fds, e);
         }
     }
 
-    // e. Working directory and credentials (groups, then gid, then uid:
+    // d. Working directory and credentials (groups, then gid, then uid:
     //    after setuid we may no longer be allowed to change the others).
     if let Some(dir) = &plan.cwd {
         // SAFETY: dir is a NUL-terminated string owned by the plan.
         if unsafe { libc::chdir(dir.as_ptr()) } == -1 {
-            child_fail(err_fd, errno());
+            child_fail(err_fd, Stage::Chdir, errno());
         }
     }
-    if plan.uid.is_some() || plan.gid.is_some() {
-        // SAFETY: a zero-length list with a null pointer drops all groups.
-        if unsafe { libc::setgroups(0, ptr::null()) } == -1 {
-            child_fail(err_fd, errno());
+    let groups: Option<&[libc::gid_t]> = match &plan.groups {
+        Some(list) => Some(list),
+        None if plan.uid.is_some() || plan.gid.is_some() => Some(&[]),
+        None => None,
+    };
+    if let Some(list) = groups {
+        // SAFETY: the pointer and length describe a slice owned by the plan
+        // (a zero length with a dangling pointer is never read).
+        if unsafe { libc::setgroups(list.len(), list.as_ptr()) } == -1 {
+            child_fail(err_fd, Stage::Setgroups, errno());
         }
     }
     if let Some(gid) = plan.gid {
         // SAFETY: setgid takes a plain integer.
         if unsafe { libc::setgid(gid) } == -1 {
-            child_fail(err_fd, errno());
+            child_fail(err_fd, Stage::Setgid, errno());
         }
     }
     if let Some(uid) = plan.uid {
         // SAFETY: setuid takes a plain integer.
         if unsafe { libc::setuid(uid) } == -1 {
-            child_fail(err_fd, errno());
+            child_fail(err_fd, Stage::Setuid, errno());
         }
     }
 
-    // f. Start the program with nothing blocked, whatever the parent's
+    // e. Parent-death signal, only now: a change of uid or gid clears it.
+    //    Then close the race with a parent that died before prctl: we have
+    //    been reparented already.
+    if let Some(sig) = plan.pdeathsig {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number; a bad one
+        // yields EINVAL.
+        let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong) };
+        if rc == -1 {
+            child_fail(err_fd, Stage::Pdeathsig, errno());
+        }
+        // SAFETY: getppid is async-signal-safe and cannot fail.
+        if unsafe { libc::getppid() } != parent_pid {
+            // SAFETY: _exit is async-signal-safe; nobody is left to tell.
+            unsafe { libc::_exit(1) };
+        }
+    }
+
+    // f. Our own pid into the entries that want it (our copy of the plan).
+    if !plan.pid_env.is_empty() {
+        // SAFETY: getpid is async-signal-safe and cannot fail.
+        let pid = unsafe { libc::getpid() };
+        for slot in &plan.pid_env {
+            slot.write_pid(pid);
+        }
+    }
+
+    // g. Start the program with nothing blocked, whatever the parent's
     //    thread had blocked (e.g. for a signalfd) and what spawn added.
     // SAFETY: all-zero bytes are a valid sigset_t; sigemptyset sets it.
     let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -532,10 +806,10 @@ fn child_after_fork(plan: &SpawnPlan, fds: &FdPlan, err_fd: RawFd, parent_pid: i
     unsafe { libc::sigemptyset(&mut empty) };
     // SAFETY: `empty` is valid; a null old-set pointer is allowed.
     if unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut()) } == -1 {
-        child_fail(err_fd, errno());
+        child_fail(err_fd, Stage::Sigmask, errno());
     }
 
-    // g. Only returns on failure.
+    // h. Only returns on failure.
     // SAFETY: program and both NULL-terminated arrays point into CStrings
     // owned by `plan`, which outlives this call.
     unsafe {
@@ -545,8 +819,7 @@ fn child_after_fork(plan: &SpawnPlan, fds: &FdPlan, err_fd: RawFd, parent_pid: i
             plan.envp_ptrs.as_ptr(),
         )
     };
-    // h.
-    child_fail(err_fd, errno())
+    child_fail(err_fd, Stage::Exec, errno())
 }
 
 /// Step d on kernels without `CLOSE_RANGE_CLOEXEC`: mark fds 3..1024 that are
@@ -566,7 +839,7 @@ fn cloexec_fallback(fds: &FdPlan, err_fd: RawFd) {
         if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == -1 {
             let e = errno();
             if e != libc::EBADF {
-                child_fail(err_fd, e);
+                child_fail(err_fd, Stage::Fds, e);
             }
         }
     }
@@ -795,6 +1068,30 @@ mod tests {
         let plan = SpawnPlan::new(Path::new("/bin/true"), &["true".into()], &env).unwrap();
         let s = format!("{plan:?}");
         assert!(s.contains("KEY") && !s.contains("secret"), "{s}");
+    }
+
+    #[test]
+    fn error_reports_round_trip() {
+        for (code, stage) in STAGES.iter().enumerate() {
+            assert_eq!(*stage as usize, code);
+            let report = encode_report(*stage, libc::EPERM);
+            assert_eq!(decode_report(&report), Some((*stage, libc::EPERM)));
+            assert_eq!(decode_report(&report[..7]), None);
+        }
+        let mut unknown = encode_report(Stage::Exec, 1);
+        unknown[..4].copy_from_slice(&99u32.to_ne_bytes());
+        assert_eq!(decode_report(&unknown), None);
+    }
+
+    #[test]
+    fn pid_slots_hold_any_pid() {
+        let slot = PidSlot::new(b"K=\0\0\0\0\0\0\0\0\0\0\0".to_vec().into_boxed_slice(), 2);
+        for pid in [1, 42, 4_194_304, i32::MAX] {
+            slot.write_pid(pid);
+            let text = std::ffi::CStr::from_bytes_until_nul(slot.bytes()).unwrap();
+            assert_eq!(text.to_str().unwrap(), format!("K={pid}"));
+        }
+        assert_eq!(format!("{slot:?}"), "K=<pid>");
     }
 
     #[test]
