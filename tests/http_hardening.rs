@@ -96,7 +96,8 @@ fn status_of(port: u16, req: &[u8]) -> u16 {
 /// given. Returns when it closed.
 fn closed_within(s: &mut TcpStream, limit: Duration, trickle: bool) -> Option<Duration> {
     let began = Instant::now();
-    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let mut chunk = [0; 1024];
     while began.elapsed() < limit {
         if trickle && s.write_all(b"x").is_err() {
@@ -104,7 +105,10 @@ fn closed_within(s: &mut TcpStream, limit: Duration, trickle: bool) -> Option<Du
         }
         match s.read(&mut chunk) {
             Ok(0) => return Some(began.elapsed()),
-            Ok(n) => panic!("unexpected answer: {:?}", String::from_utf8_lossy(&chunk[..n])),
+            Ok(n) => panic!(
+                "unexpected answer: {:?}",
+                String::from_utf8_lossy(&chunk[..n])
+            ),
             Err(e) if e.kind() == ErrorKind::ConnectionReset => return Some(began.elapsed()),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
             Err(e) => panic!("read: {e}"),
@@ -201,7 +205,12 @@ fn host_must_be_there_once_in_http11() {
         (b"GET / HTTP/1.1\r\nHost: example.com:8080\r\n\r\n", 200),
         (b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", 200),
     ] {
-        assert_eq!(status_of(port, req), want, "{}", String::from_utf8_lossy(req));
+        assert_eq!(
+            status_of(port, req),
+            want,
+            "{}",
+            String::from_utf8_lossy(req)
+        );
     }
 
     // The same with Python's http.client, which sends its own Host unless
@@ -235,7 +244,14 @@ print(status([]), status(["a", "b"]), status(["a"]))
 fn control_characters_in_a_header_value_are_a_400() {
     let hello = Hello::start(&["--workers", "1"]);
     let port = hello.port;
-    for value in [&b"a\x01b"[..], b"a\rb", b"\x00", b"a\x1bb", b"a\x7f", b"\x0b"] {
+    for value in [
+        &b"a\x01b"[..],
+        b"a\rb",
+        b"\x00",
+        b"a\x1bb",
+        b"a\x7f",
+        b"\x0b",
+    ] {
         let mut req = b"GET / HTTP/1.1\r\nHost: t\r\nX-Test: ".to_vec();
         req.extend_from_slice(value);
         req.extend_from_slice(b"\r\n\r\n");
@@ -243,7 +259,10 @@ fn control_characters_in_a_header_value_are_a_400() {
     }
     // HTAB and bytes above 0x7f (obs-text) are field content.
     assert_eq!(
-        status_of(port, b"GET / HTTP/1.1\r\nHost: t\r\nX-Test: a\tb \xe9\r\n\r\n"),
+        status_of(
+            port,
+            b"GET / HTTP/1.1\r\nHost: t\r\nX-Test: a\tb \xe9\r\n\r\n"
+        ),
         200
     );
     assert_hello(&request(port, GET));
@@ -265,14 +284,20 @@ fn bodies_that_stall_or_trickle_are_cut_within_the_bound() {
     stall.write_all(head).unwrap();
     stall.write_all(b"0123456789").unwrap();
     let cut = closed_within(&mut stall, BOUND, false).expect("stalled body not cut");
-    assert!(cut >= TIMEOUT - Duration::from_millis(100), "cut early: {cut:?}");
+    assert!(
+        cut >= TIMEOUT - Duration::from_millis(100),
+        "cut early: {cut:?}"
+    );
 
     // Trickles: a byte every 100 ms, never 500 ms apart, so only the rate
     // bound cuts it (before it, every byte pushed the deadline on).
     let mut trickle = connect(port);
     trickle.write_all(head).unwrap();
     let cut = closed_within(&mut trickle, BOUND, true).expect("trickling body not cut");
-    assert!(cut >= TIMEOUT - Duration::from_millis(100), "cut early: {cut:?}");
+    assert!(
+        cut >= TIMEOUT - Duration::from_millis(100),
+        "cut early: {cut:?}"
+    );
 
     // An honest upload at full speed passes and is answered.
     let mut upload = connect(port);

@@ -113,7 +113,8 @@ fn documented_exit_statuses_hold() {
         run_bounded(Command::new(hello_bin()).args(["--workers", "1", "--port", &port])).unwrap();
     assert_eq!(status.code(), Some(1), "{err}");
 
-    let (status, _, err) = run_bounded(Command::new(hello_bin()).args(["--workers", "-1"])).unwrap();
+    let (status, _, err) =
+        run_bounded(Command::new(hello_bin()).args(["--workers", "-1"])).unwrap();
     assert_eq!(status.code(), Some(2), "{err}");
     let (status, _, err) = run_bounded(
         Command::new(hello_bin())
