@@ -15,7 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 #[path = "example.rs"]
-mod example;
+pub mod example;
 
 pub const START: Duration = Duration::from_secs(15);
 pub const IO: Duration = Duration::from_secs(5);
@@ -45,7 +45,9 @@ impl Hello {
 
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Hello {
         let mut cmd = Command::new(hello_bin());
-        cmd.args(["--port", "0"]).args(args).envs(env.iter().copied());
+        cmd.args(["--port", "0"])
+            .args(args)
+            .envs(env.iter().copied());
         Hello::spawn(cmd)
     }
 
