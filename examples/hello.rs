@@ -12,9 +12,18 @@
 //!
 //! Each worker runs the shared server of `common/http.rs`: a
 //! single-threaded, non-blocking server on the worker's event loop with
-//! keep-alive, pipelining, bodies read and discarded, and a read timeout
-//! (`HELLO_READ_TIMEOUT_MS`, default 10 s) so that a client that stalls or
-//! sends garbage costs only its own connection.
+//! keep-alive, pipelining, bodies read and discarded, bounded buffers with
+//! backpressure, and a read timeout (`HELLO_READ_TIMEOUT_MS`, default 10 s)
+//! so that a client that stalls, trickles, never reads or sends garbage
+//! costs only its own connection.
+//!
+//! Exit status:
+//! - 0: stopped by SIGTERM or SIGINT (or SIGQUIT), after printing `served`;
+//! - 1: could not start or keep running, with the reason on stderr: a
+//!   worker count the machine cannot hold (refused before any fork), a
+//!   first worker that could not listen (its port is taken, say: the
+//!   supervisor stops at once), or a later worker that could not listen;
+//! - 2: bad arguments or environment, with the usage.
 
 #[path = "common/http.rs"]
 mod http;
@@ -294,6 +303,7 @@ impl Cluster {
                 eprintln!("stopping {how}");
             }
             Notice::ForceKilled(ids) => eprintln!("graceful timeout: killed workers {ids:?}"),
+            Notice::ScaleRefused(e) => eprintln!("not scaling up: {e}"),
             other => eprintln!("{other:?}"),
         }
         Ok(())

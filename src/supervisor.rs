@@ -11,6 +11,12 @@
 //! An unexpected death is respawned with exponential backoff (100 ms, ×2,
 //! up to 30 s by default); the backoff resets once a worker has stayed up
 //! for the stable time. A crash loop is reported, never a busy fork loop.
+//!
+//! Startup fails fast instead: a worker of the first generation that ends
+//! before it listened (its port is taken, say) is no transient fault, so the
+//! supervisor stops every worker and [`Supervisor::next_event`] returns the
+//! error. A worker count the machine cannot hold is refused up front, by
+//! [`Supervisor::start`] and by SIGTTIN.
 //! With a hang timeout, a worker that holds connections longer than that
 //! without coming back for the next one is killed and replaced; the accept
 //! acknowledgements are the heartbeat, so a blocking single-threaded worker
@@ -25,8 +31,16 @@ use std::collections::BTreeMap;
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::primary::{Event, Primary, State};
-use crate::sys::signal;
+use crate::primary::{Event, ExitStatus, Primary, State, Stdio};
+use crate::sys::{limits, signal};
+
+/// The most workers a [`Supervisor`] runs, whatever the limits allow: far
+/// more than any machine has cores.
+pub const MAX_WORKERS: usize = 4096;
+
+/// fds the primary holds besides its workers': stdio, epoll, signalfd,
+/// listeners, and the pipe and socketpair of a fork in progress.
+const FDS_RESERVE: u64 = 16;
 
 /// Timings and sizes of a [`Supervisor`].
 #[derive(Debug, Clone)]
@@ -106,6 +120,9 @@ pub enum Notice {
         /// The new number of workers.
         workers: usize,
     },
+    /// SIGTTIN asked for a worker the machine cannot hold (see
+    /// [`Supervisor::start`]) or its fork failed; the target is unchanged.
+    ScaleRefused(io::Error),
     /// A stop began (`graceful` false: SIGQUIT).
     Stopping {
         /// Graceful or immediate.
@@ -119,6 +136,8 @@ pub enum Notice {
 struct Member {
     born: Instant,
     listens: usize,
+    /// Forked by `start`: its death before it listens fails the startup.
+    first: bool,
 }
 
 #[derive(Debug)]
@@ -140,11 +159,23 @@ pub struct Supervisor {
     ready: bool,
     target_listens: usize,
     out: std::collections::VecDeque<Notice>,
+    /// Why the startup failed; `next_event` returns it once every worker
+    /// is gone.
+    failed: Option<io::Error>,
 }
 
 impl Supervisor {
     /// Takes over a primary and forks `config.workers` workers.
+    ///
+    /// A count the machine cannot hold is an `InvalidInput` error naming the
+    /// count and the limit, before any fork: above [`MAX_WORKERS`], at or
+    /// above `RLIMIT_NPROC` (the primary is a process too), or more than the
+    /// primary's `RLIMIT_NOFILE` leaves room for (its channel to each worker,
+    /// their stdout and stderr pipes when piped, and a connection in flight).
+    /// If a fork fails, the workers already forked are killed and reaped.
     pub fn start(mut primary: Primary, config: Config) -> io::Result<Supervisor> {
+        let workers = config.workers.max(1);
+        check_capacity(workers, primary.settings().stdio)?;
         primary.set_hang_timeout(config.hang_timeout);
         let mut s = Supervisor {
             primary,
@@ -157,11 +188,29 @@ impl Supervisor {
             ready: false,
             target_listens: 0,
             out: Default::default(),
+            failed: None,
         };
-        for _ in 0..s.config.workers.max(1) {
-            s.fork()?;
+        for _ in 0..workers {
+            if let Err(e) = s.fork_member(true) {
+                s.kill_and_reap();
+                return Err(e);
+            }
         }
         Ok(s)
+    }
+
+    // SIGKILL every worker and wait (bounded) until they are reaped.
+    fn kill_and_reap(&mut self) {
+        for w in self.primary.workers() {
+            let _ = self.primary.kill(w.id, signal::SIGKILL);
+        }
+        let until = Instant::now() + Duration::from_secs(5);
+        while !self.primary.workers().is_empty() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.primary.next_event_timeout(Some(left)).is_err() {
+                break;
+            }
+        }
     }
 
     /// The primary, for messages, `workers()` and the rest.
@@ -175,12 +224,17 @@ impl Supervisor {
     }
 
     fn fork(&mut self) -> io::Result<u32> {
+        self.fork_member(false)
+    }
+
+    fn fork_member(&mut self, first: bool) -> io::Result<u32> {
         let id = self.primary.fork()?;
         self.members.insert(
             id,
             Member {
                 born: Instant::now(),
                 listens: 0,
+                first,
             },
         );
         Ok(id)
@@ -247,6 +301,7 @@ impl Supervisor {
                     Member {
                         born: Instant::now(),
                         listens: 0,
+                        first: false,
                     },
                 );
                 let until = Instant::now() + self.config.reload_timeout;
@@ -308,8 +363,14 @@ impl Supervisor {
             return Ok(());
         }
         if up {
-            self.config.workers += 1;
-            self.fork()?;
+            let more = self.config.workers + 1;
+            let forked =
+                check_capacity(more, self.primary.settings().stdio).and_then(|()| self.fork());
+            if let Err(e) = forked {
+                self.out.push_back(Notice::ScaleRefused(e));
+                return Ok(());
+            }
+            self.config.workers = more;
         } else if self.config.workers > 1 {
             self.config.workers -= 1;
             if !self.respawn_at.is_empty() {
@@ -331,10 +392,15 @@ impl Supervisor {
         Ok(())
     }
 
-    fn on_exit(&mut self, id: u32, after_disconnect: bool) {
+    fn on_exit(&mut self, id: u32, status: ExitStatus, after_disconnect: bool) {
         let member = self.members.remove(&id);
         if self.stopping.is_some() {
             return;
+        }
+        if !after_disconnect && member.as_ref().is_some_and(|m| m.first && m.listens == 0) {
+            return self.fail_start(format!(
+                "worker {id} ended with {status} before it listened: startup failed"
+            ));
         }
         if let Some(Reload {
             current: Some((_, new, _)),
@@ -371,6 +437,16 @@ impl Supervisor {
             delay,
             failures: self.failures,
         });
+    }
+
+    // A first-generation worker could not start: stop them all, now.
+    fn fail_start(&mut self, why: String) {
+        self.failed = Some(io::Error::new(io::ErrorKind::Other, why));
+        self.stopping = Some(Instant::now() + self.config.graceful_timeout);
+        self.respawn_at.clear();
+        self.reload = None;
+        // Exits then report `exited_after_disconnect`: expected, not deaths.
+        let _ = self.primary.disconnect_all(Some(Duration::ZERO));
     }
 
     fn on_timers(&mut self) -> io::Result<()> {
@@ -426,13 +502,18 @@ impl Supervisor {
 
     /// Runs the loop until there is something to report. `Ok(None)` once a
     /// stop has finished (every worker exited).
+    ///
+    /// `Err` when the startup failed: a worker of the first generation ended
+    /// before it listened (the error names it and how it ended). The other
+    /// workers are then killed at once; their exits are reported first, and
+    /// the `Err` comes once none is left (then `Ok(None)`).
     pub fn next_event(&mut self) -> io::Result<Option<Notice>> {
         loop {
             if let Some(n) = self.out.pop_front() {
                 return Ok(Some(n));
             }
             if self.stopping.is_some() && self.primary.workers().is_empty() {
-                return Ok(None);
+                return self.failed.take().map_or(Ok(None), Err);
             }
             let wait = self
                 .next_deadline()
@@ -451,7 +532,7 @@ impl Supervisor {
                 _ => None,
             };
             let exit = match &ev {
-                Event::Exit(id, _, ead) => Some((*id, *ead)),
+                Event::Exit(id, status, ead) => Some((*id, *status, *ead)),
                 _ => None,
             };
             let online = matches!(ev, Event::Online(_));
@@ -475,8 +556,8 @@ impl Supervisor {
             if online {
                 self.check_reload();
             }
-            if let Some((id, ead)) = exit {
-                self.on_exit(id, ead);
+            if let Some((id, status, ead)) = exit {
+                self.on_exit(id, status, ead);
             }
         }
     }
@@ -494,5 +575,88 @@ impl Supervisor {
             self.ready = true;
             self.out.push_back(Notice::Ready);
         }
+    }
+}
+
+/// fds the primary holds per worker at most: its channel, its stdout and
+/// stderr pipes when piped, and a connection in flight to it.
+fn fds_per_worker(stdio: Stdio) -> u64 {
+    match stdio {
+        Stdio::Inherit => 2,
+        Stdio::Pipe => 4,
+    }
+}
+
+/// `InvalidInput`, naming the count and the limit, unless this process can
+/// hold `workers` workers.
+fn check_capacity(workers: usize, stdio: Stdio) -> io::Result<()> {
+    let nproc = limits::nproc()?.soft;
+    let nofile = limits::nofile()?.soft;
+    check_capacity_within(workers, stdio, nproc, nofile)
+}
+
+/// [`check_capacity`] against given soft limits (`None`: unlimited).
+fn check_capacity_within(
+    workers: usize,
+    stdio: Stdio,
+    nproc: Option<u64>,
+    nofile: Option<u64>,
+) -> io::Result<()> {
+    let refuse = |why: String| {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cannot run {workers} workers: {why}"),
+        ))
+    };
+    let n = workers as u64;
+    // The primary is one of this user's processes too.
+    if let Some(max) = nproc.filter(|&max| n >= max) {
+        return refuse(format!(
+            "RLIMIT_NPROC allows this user {max} processes, the primary included"
+        ));
+    }
+    let need = FDS_RESERVE + n * fds_per_worker(stdio);
+    if let Some(max) = nofile.filter(|&max| need > max) {
+        return refuse(format!(
+            "the primary needs about {need} fds for them and RLIMIT_NOFILE is {max} \
+             (raise it with ulimit -n)"
+        ));
+    }
+    if workers > MAX_WORKERS {
+        return refuse(format!("the most a supervisor runs is {MAX_WORKERS}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(workers: usize, stdio: Stdio, nproc: Option<u64>, nofile: Option<u64>) -> String {
+        let e = check_capacity_within(workers, stdio, nproc, nofile).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        e.to_string()
+    }
+
+    #[test]
+    fn worker_counts_beyond_the_limits_are_refused_naming_count_and_limit() {
+        check_capacity(1, Stdio::Inherit).expect("one worker fits anywhere");
+        check_capacity_within(MAX_WORKERS, Stdio::Pipe, None, None).expect("the cap itself");
+        assert_eq!(
+            refusal(4097, Stdio::Inherit, None, None),
+            "cannot run 4097 workers: the most a supervisor runs is 4096"
+        );
+        let msg = refusal(100, Stdio::Inherit, Some(100), None);
+        assert!(msg.starts_with("cannot run 100 workers: RLIMIT_NPROC allows this user 100 "));
+        check_capacity_within(99, Stdio::Inherit, Some(100), None).expect("99 + the primary");
+        // 16 + 2 per worker with inherited stdio, 16 + 4 with pipes.
+        check_capacity_within(4, Stdio::Inherit, None, Some(24)).expect("24 fds hold 4");
+        let msg = refusal(5, Stdio::Inherit, None, Some(24));
+        assert!(
+            msg.contains("about 26 fds") && msg.contains("RLIMIT_NOFILE is 24"),
+            "{msg}"
+        );
+        let msg = refusal(4, Stdio::Pipe, None, Some(24));
+        assert!(msg.contains("about 32 fds"), "{msg}");
     }
 }

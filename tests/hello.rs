@@ -2,323 +2,15 @@
 //! port 0. Every wait has a deadline, and the hello process tree is killed
 //! on every path (see `Hello::drop`).
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use std::io::Write;
+use std::net::Shutdown;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-#[path = "support/example.rs"]
-mod example;
-const START: Duration = Duration::from_secs(15);
-const IO: Duration = Duration::from_secs(5);
-const EXIT: Duration = Duration::from_secs(15);
-const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
-const GET_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
-
-fn hello_bin() -> PathBuf {
-    example::example_bin("hello")
-}
-
-/// A running hello cluster: its stdout lines arrive on a channel, its stderr
-/// piles up in a string.
-struct Hello {
-    child: Child,
-    stdout: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-    /// The listening line, and the port in it.
-    listening: String,
-    port: u16,
-}
-
-impl Hello {
-    fn start(args: &[&str]) -> Hello {
-        Hello::start_env(args, &[])
-    }
-
-    fn start_env(args: &[&str], env: &[(&str, &str)]) -> Hello {
-        let mut child = Command::new(hello_bin())
-            .args(["--port", "0"])
-            .args(args)
-            .envs(env.iter().copied())
-            .env_remove("SYNCLUSTER_SCHED_POLICY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hello");
-        let (tx, stdout) = mpsc::channel();
-        let out = child.stdout.take().expect("piped stdout");
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let err = child.stderr.take().expect("piped stderr");
-        let sink = stderr.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let mut hello = Hello {
-            child,
-            stdout,
-            stderr,
-            listening: String::new(),
-            port: 0,
-        };
-        // On panic here, `drop` still kills the tree.
-        hello.listening = hello
-            .line(START)
-            .unwrap_or_else(|| panic!("no listening line; stderr: {}", hello.stderr()));
-        hello.port = listening_port(&hello.listening)
-            .unwrap_or_else(|| panic!("not a listening line: {:?}", hello.listening));
-        hello
-    }
-
-    fn line(&self, timeout: Duration) -> Option<String> {
-        self.stdout.recv_timeout(timeout).ok()
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn worker_pids(&self) -> Vec<u32> {
-        let pid = self.pid();
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect()
-    }
-
-    fn wait_stderr(&self, needle: &str) -> bool {
-        until(START, || self.stderr().contains(needle).then_some(())).is_some()
-    }
-
-    fn signal(&self, sig: &str) {
-        signal(self.pid(), sig);
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    /// SIGTERM, then every stdout line until the process exits; asserts a
-    /// clean exit.
-    fn stop(&mut self) -> Vec<String> {
-        self.signal("TERM");
-        let status = self.wait_exit(EXIT);
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "exit after SIGTERM: {status:?}; stderr: {}",
-            self.stderr()
-        );
-        let mut lines = Vec::new();
-        while let Some(line) = self.line(Duration::from_secs(2)) {
-            lines.push(line);
-        }
-        lines
-    }
-}
-
-impl Drop for Hello {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!("hello's stderr:\n{}", self.stderr());
-        }
-        // Workers first: once the primary is gone they are no longer its
-        // children and we could not find them.
-        for pid in self.worker_pids() {
-            signal(pid, "KILL");
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
-}
-
-fn listening_port(line: &str) -> Option<u16> {
-    let rest = line.strip_prefix("listening on http://127.0.0.1:")?;
-    rest.split(' ').next()?.parse().ok()
-}
-
-fn until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-// ---------------------------------------------------------------------------
-// A tiny HTTP client.
-
-fn connect(port: u16) -> TcpStream {
-    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(IO)).unwrap();
-    s.set_write_timeout(Some(IO)).unwrap();
-    s
-}
-
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-}
-
-/// Reads one response from `s`; bytes past it stay in `buf`. `head_only`:
-/// the answer to a HEAD request has no body.
-fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>, head_only: bool) -> Response {
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        fill(s, buf);
-    };
-    let head = String::from_utf8(buf[..end].to_vec()).expect("ASCII head");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head:?}"));
-    let mut r = Response {
-        status,
-        head,
-        body: Vec::new(),
-    };
-    let len: usize = r
-        .header("content-length")
-        .and_then(|v| v.parse().ok())
-        .expect("content-length");
-    let len = if head_only { 0 } else { len };
-    while buf.len() < end + len {
-        fill(s, buf);
-    }
-    r.body = buf[end..end + len].to_vec();
-    buf.drain(..end + len);
-    r
-}
-
-fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) {
-    let mut chunk = [0; 4096];
-    match s.read(&mut chunk) {
-        Ok(0) => panic!("EOF in a response; got {:?}", String::from_utf8_lossy(buf)),
-        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        Err(e) => panic!("read: {e}; got {:?}", String::from_utf8_lossy(buf)),
-    }
-}
-
-/// True if the server closes the connection (EOF or reset) within `IO`.
-fn closes(s: &mut TcpStream) -> bool {
-    let mut chunk = [0; 4096];
-    loop {
-        match s.read(&mut chunk) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return true,
-            Err(_) => return false,
-        }
-    }
-}
-
-fn request(port: u16, req: &[u8]) -> Response {
-    let mut s = connect(port);
-    s.write_all(req).unwrap();
-    read_response(&mut s, &mut Vec::new(), false)
-}
-
-fn assert_hello(r: &Response) {
-    assert_eq!(r.status, 200, "{r:?}");
-    assert!(r.head.starts_with("HTTP/1.1 200 OK\r\n"), "{r:?}");
-    assert_eq!(r.header("content-type"), Some("text/plain"), "{r:?}");
-    assert_eq!(r.header("content-length"), Some("12"), "{r:?}");
-    assert_eq!(r.body, b"hello world\n", "{r:?}");
-}
-
-/// Runs a command with a deadline: status, stdout, stderr; `None` if the
-/// program is missing.
-fn run_bounded(cmd: &mut Command) -> Option<(ExitStatus, String, String)> {
-    let spawned = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(e) if e.kind() == ErrorKind::NotFound => return None,
-        Err(e) => panic!("spawn {cmd:?}: {e}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not finish in time");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    Some((status, out, err))
-}
+#[path = "support/hello.rs"]
+mod hello;
+use hello::*;
 
 /// `{"1":3,"2":4}` → [(1, 3), (2, 4)].
 fn parse_served(line: &str) -> Vec<(u32, u64)> {
@@ -415,10 +107,11 @@ fn keep_alive_and_pipelining_answer_in_order() {
     );
 
     // A body split across writes, then a request in the same segment.
-    s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234")
+    s.write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n01234")
         .unwrap();
     thread::sleep(Duration::from_millis(50));
-    s.write_all(b"56789GET / HTTP/1.1\r\n\r\n").unwrap();
+    s.write_all(b"56789GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
     assert_hello(&read_response(&mut s, &mut buf, false));
     assert_hello(&read_response(&mut s, &mut buf, false));
 
@@ -478,8 +171,8 @@ fn garbage_and_stalled_clients_cost_only_their_connection() {
         &b"\x00\x01\x02 nonsense\r\n\r\n"[..],
         b"GET /\r\n\r\n",
         b"GET / HTTP/1.1 extra\r\n\r\n",
-        b"GET / HTTP/1.1\r\nNo colon here\r\n\r\n",
-        b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: t\r\nNo colon here\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n",
     ] {
         let mut s = connect(port);
         s.write_all(garbage).unwrap();
@@ -492,7 +185,10 @@ fn garbage_and_stalled_clients_cost_only_their_connection() {
     }
 
     let mut big = connect(port);
-    let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nX: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
     let _ = big.write_all(huge.as_bytes());
     let r = read_response(&mut big, &mut Vec::new(), false);
     assert_eq!(r.status, 431, "{r:?}");

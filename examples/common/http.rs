@@ -4,10 +4,21 @@
 //! `examples/` is a module, not an example).
 //!
 //! A single-threaded, non-blocking server on the worker's event loop:
-//! keep-alive, pipelining, bodies read and discarded, a read timeout so that
-//! a client that stalls or sends garbage costs only its own connection, and
-//! a drain on the primary's disconnect request. [`Server::on_request`] tells
-//! the program about each request it answers.
+//! keep-alive, pipelining, bodies read and discarded, and a drain on the
+//! primary's disconnect request. [`Server::on_request`] tells the program
+//! about each request it answers.
+//!
+//! A client costs only its own connection, and a bounded part of it:
+//! - memory: at most [`MAX_INPUT`] unparsed bytes and about
+//!   [`MAX_PENDING_OUTPUT`] unsent ones; a client that pipelines without
+//!   reading its answers gets backpressure (its requests are no longer read)
+//!   instead of a growing buffer;
+//! - time: the read timeout bounds idleness and the whole request head;
+//!   a body must keep arriving (the read timeout between bytes) and at
+//!   [`MIN_BODY_RATE`] on average, so a body that stalls or trickles is cut;
+//! - garbage: a malformed head is answered 400 (431, 501, 505) and closed,
+//!   including an HTTP/1.1 request without Host, two Host fields, and
+//!   control characters in a field value (RFC 9112 §3.2, RFC 9110 §5.5).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -48,9 +59,21 @@ fn inject_fault(worker: &Worker) {
 
 /// Largest request head (request line and headers).
 const MAX_HEAD: usize = 8 * 1024;
-/// Unsent response bytes above which a connection stops being read: a
-/// client that pipelines without reading gets backpressure.
-const MAX_PENDING_OUTPUT: usize = 64 * 1024;
+/// Most unparsed input a connection buffers; it stops being read when full.
+/// Above `MAX_HEAD`, so a head that is too large is seen as one.
+pub const MAX_INPUT: usize = 2 * MAX_HEAD;
+/// Unsent response bytes above which a connection stops answering, and so
+/// stops reading: a client that pipelines without reading gets
+/// backpressure. Bytes already written do not count.
+pub const MAX_PENDING_OUTPUT: usize = 64 * 1024;
+/// Slowest average a request body may arrive at: each byte earns the body
+/// this much more time after the read timeout (Apache's `mod_reqtimeout`
+/// `MinRate`), so an upload at any honest speed passes and a trickle does
+/// not.
+pub const MIN_BODY_RATE: u64 = 1024; // bytes per second
+/// Output buffer kept by a connection once everything is written; a burst
+/// of answers does not pin its high-water mark.
+const KEEP_OUTPUT: usize = 4 * 1024;
 /// How long a closing connection may take to send its EOF (see `Phase`).
 const LINGER: Duration = Duration::from_secs(2);
 
@@ -261,15 +284,20 @@ struct Request {
     body_left: u64,
     keep_alive: bool,
     head_only: bool,
+    /// The body must be complete by then: the read timeout after the head,
+    /// plus what the bytes received earned at `MIN_BODY_RATE`.
+    body_deadline: Instant,
 }
 
 struct Conn {
     stream: Stream,
     token: u64,
     phase: Phase,
+    /// Received and not parsed yet; at most `MAX_INPUT`.
     input: Vec<u8>,
     output: Vec<u8>,
-    /// Bytes of `output` already written.
+    /// Bytes of `output` already written: only the rest counts against
+    /// `MAX_PENDING_OUTPUT`, and `answer` drops them before adding more.
     written: usize,
     request: Option<Request>,
     answered: u64,
@@ -360,10 +388,17 @@ impl Conn {
         true
     }
 
+    fn unsent(&self) -> usize {
+        self.output.len() - self.written
+    }
+
+    /// Reading stops while the input buffer is full or the client is not
+    /// reading its answers; `answer` frees one or waits for the other.
     fn wants_input(&self) -> bool {
         self.phase == Phase::Open
             && !self.eof
-            && self.output.len() - self.written <= MAX_PENDING_OUTPUT
+            && self.input.len() < MAX_INPUT
+            && self.unsent() <= MAX_PENDING_OUTPUT
     }
 
     fn wanted_interest(&self) -> Interest {
@@ -379,7 +414,10 @@ impl Conn {
     /// One read per readiness event keeps connections fair; the loop is
     /// level-triggered, so the rest comes next turn.
     fn fill(&mut self, scratch: &mut [u8]) -> io::Result<()> {
-        match self.stream.read(scratch) {
+        let room = MAX_INPUT
+            .saturating_sub(self.input.len())
+            .min(scratch.len());
+        match self.stream.read(&mut scratch[..room]) {
             Ok(0) => self.eof = true,
             Ok(n) => self.input.extend_from_slice(&scratch[..n]),
             Err(e)
@@ -395,12 +433,16 @@ impl Conn {
     /// Answers the complete requests in `input`, in order. `true`: stopped
     /// with requests left because enough output is pending.
     fn answer(&mut self, draining: bool, next_deadline: Instant) -> bool {
+        if self.written > 0 {
+            self.output.drain(..self.written);
+            self.written = 0;
+        }
         let mut used = 0;
         let more = loop {
             if self.phase != Phase::Open {
                 break false;
             }
-            if self.output.len() > MAX_PENDING_OUTPUT {
+            if self.unsent() > MAX_PENDING_OUTPUT {
                 break true;
             }
             let input = &self.input[used..];
@@ -410,7 +452,9 @@ impl Conn {
                 req.body_left -= n;
                 if req.body_left > 0 {
                     if n > 0 {
-                        self.deadline = next_deadline; // a slow body is not a stall
+                        // A slow body is not a stall, but a trickle is.
+                        req.body_deadline += earned(n);
+                        self.progress(next_deadline);
                     }
                     break false;
                 }
@@ -436,10 +480,15 @@ impl Conn {
                         self.output
                             .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
                     }
+                    if head.body > 0 {
+                        // The head's own time is over; the body's begins.
+                        self.deadline = next_deadline;
+                    }
                     self.request = Some(Request {
                         body_left: head.body,
                         keep_alive: head.keep_alive,
                         head_only: head.head_only,
+                        body_deadline: next_deadline,
                     });
                 }
             }
@@ -454,7 +503,7 @@ impl Conn {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.written += n;
-                    self.deadline = next_deadline;
+                    self.progress(next_deadline);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -462,8 +511,17 @@ impl Conn {
             }
         }
         self.output.clear();
+        self.output.shrink_to(KEEP_OUTPUT);
         self.written = 0;
         Ok(())
+    }
+
+    /// Pushes the deadline to `next_deadline`, never past the body's.
+    fn progress(&mut self, next_deadline: Instant) {
+        self.deadline = match &self.request {
+            Some(req) => next_deadline.min(req.body_deadline),
+            None => next_deadline,
+        };
     }
 
     fn stream_shutdown(&self) -> io::Result<()> {
@@ -472,6 +530,11 @@ impl Conn {
             Stream::Unix(s) => s.shutdown(Shutdown::Write),
         }
     }
+}
+
+/// The extra time `n` body bytes earn at `MIN_BODY_RATE`.
+fn earned(n: u64) -> Duration {
+    Duration::from_micros(n.saturating_mul(1_000_000) / MIN_BODY_RATE)
 }
 
 // ---------------------------------------------------------------------------
@@ -583,9 +646,15 @@ fn parse_lines(head: &[u8]) -> Result<Head, Status> {
     let (method, http11) = parse_request_line(lines.next().unwrap_or_default())?;
     let (mut close, mut keep_alive, mut expect_continue) = (false, false, false);
     let mut length: Option<u64> = None;
+    let mut hosts = 0;
     for line in lines.take_while(|l| !l.is_empty()) {
         let (name, value) = split_header(line).ok_or(Status::BadRequest)?;
-        if name.eq_ignore_ascii_case(b"connection") {
+        if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+            if !is_host(value) {
+                return Err(Status::BadRequest);
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
             for option in value.split(|&b| b == b',').map(trim) {
                 close |= option.eq_ignore_ascii_case(b"close");
                 keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
@@ -603,6 +672,10 @@ fn parse_lines(head: &[u8]) -> Result<Head, Status> {
         } else if name.eq_ignore_ascii_case(b"expect") {
             expect_continue = value.eq_ignore_ascii_case(b"100-continue");
         }
+    }
+    // RFC 9112 §3.2: HTTP/1.1 needs exactly one Host; no version two.
+    if hosts > 1 || (http11 && hosts == 0) {
+        return Err(Status::BadRequest);
     }
     Ok(Head {
         len: 0,
@@ -639,11 +712,22 @@ fn parse_request_line(line: &[u8]) -> Result<(&[u8], bool), Status> {
     }
 }
 
-/// `name: value`; no space before the colon, no obsolete line folding.
+/// `name: value`; no space before the colon, no obsolete line folding, no
+/// control character in the value but HTAB (RFC 9110 §5.5: CR, LF and NUL
+/// are forbidden, and the other controls are no field content either).
 fn split_header(line: &[u8]) -> Option<(&[u8], &[u8])> {
     let colon = line.iter().position(|&b| b == b':')?;
     let (name, value) = (&line[..colon], &line[colon + 1..]);
-    (is_token(name) && !value.iter().any(|&b| b == b'\r' || b == 0)).then(|| (name, trim(value)))
+    let control = |b: &u8| (*b < b' ' && *b != b'\t') || *b == 0x7f;
+    (is_token(name) && !value.iter().any(control)).then(|| (name, trim(value)))
+}
+
+/// A Host value: `uri-host [":" port]`, possibly empty (RFC 9112 §3.2); the
+/// characters of a reg-name, an IP literal or a port, nothing else.
+fn is_host(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
 }
 
 fn parse_length(value: &[u8]) -> Option<u64> {

@@ -9,6 +9,7 @@ use std::io;
 pub mod epoll;
 pub mod fd;
 pub mod inherit;
+pub mod limits;
 pub mod msg;
 pub mod poll;
 pub mod process;
