@@ -74,18 +74,13 @@ mod readiness;
 pub mod supervisor;
 pub mod worker;
 
-/// Signal numbers the primary reports as [`primary::Event::Signal`], and
-/// the ones a program commonly sends to workers.
-pub mod signal {
-    pub use crate::sys::signal::{
-        SIGCHLD, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
-    };
-}
+pub mod signal;
 
 use std::io;
 
 pub use primary::{Event as PrimaryEvent, Primary, Settings};
 pub use protocol::Policy;
+pub use signal::Signal;
 pub use worker::{Event as WorkerEvent, Listener, Worker};
 
 /// Which side of the cluster this process is.
