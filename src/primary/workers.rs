@@ -122,7 +122,13 @@ impl Primary {
             Some(args) => argv.extend(args.iter().cloned()),
             None => argv.extend(std::env::args_os().skip(1)),
         }
-        let ours = |k: &OsStr| k == ENV_WORKER_ID || k == ENV_CHANNEL_FD || k == ENV_WORKER_PID;
+        // Ours, and systemd's, which only the primary may speak.
+        let ours = |k: &OsStr| {
+            k == ENV_WORKER_ID
+                || k == ENV_CHANNEL_FD
+                || k == ENV_WORKER_PID
+                || crate::systemd::is_primary_only(k)
+        };
         let mut vars: Vec<(OsString, OsString)> =
             std::env::vars_os().filter(|(k, _)| !ours(k)).collect();
         let mut set = |k: &OsStr, v: &OsStr| {

@@ -15,6 +15,7 @@ pub mod poll;
 pub mod process;
 pub mod signal;
 pub mod socket;
+pub mod time;
 pub mod user;
 
 /// Values a syscall returns to say "failed, see errno".
