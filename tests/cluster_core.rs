@@ -233,6 +233,8 @@ fn messages_both_ways_with_and_without_fds() {
 fn fork_env_reaches_the_worker_and_marks_it_with_its_own_pid() {
     let mut p = Probe::start_with(|c| {
         c.env("FOO", "from-primary").env("ONLY_PRIMARY", "yes");
+        // systemd speaks to the primary alone (sidekiq #5829).
+        c.env("NOTIFY_SOCKET", "/nonexistent/notify").env("WATCHDOG_USEC", "1");
     });
     let a = p.fork_online("FOO=bar EXTRA=1");
     let b = p.fork_online("");
@@ -247,6 +249,8 @@ fn fork_env_reaches_the_worker_and_marks_it_with_its_own_pid() {
         (a, "SYNCLUSTER_WORKER_ID", &a.to_string()),
         (a, "SYNCLUSTER_CHANNEL_FD", "3"),
         (b, "SYNCLUSTER_WORKER_ID", &b.to_string()),
+        (a, "NOTIFY_SOCKET", "<unset>"),
+        (a, "WATCHDOG_USEC", "<unset>"),
     ] {
         p.ask(&format!("send {id} env {name}"), "ok send");
         p.expect_line(&format!("message {id} env:{want} fds=0"), T);
