@@ -231,27 +231,19 @@ fn bad_flags_print_usage_and_exit_2() {
 fn killed_worker_is_replaced() {
     let mut hello = Hello::start(&["--workers", "2"]);
     let before =
-        until(START, || Some(hello.worker_pids()).filter(|p| p.len() == 2)).expect("two workers");
+        until(START, || Some(hello.workers()).filter(|p| p.len() == 2)).expect("two workers");
     let victim = before[0];
     signal(victim, "KILL");
-    assert!(
-        hello.wait_stderr("forking a replacement"),
-        "{}",
-        hello.stderr()
-    );
+    hello.wait_stderr("forking a replacement", 1);
     let after = until(START, || {
-        Some(hello.worker_pids()).filter(|p| p.len() == 2 && !p.contains(&victim))
+        Some(hello.workers()).filter(|p| p.len() == 2 && !p.contains(&victim))
     });
-    assert!(after.is_some(), "no replacement: {:?}", hello.worker_pids());
+    assert!(after.is_some(), "no replacement: {:?}", hello.workers());
     // Requests and the stop wait until the replacement listens: while it
     // joins, the library has races of its own (a connection handed over in
     // the same read as the listen reply stalls; a stop between reply and
     // `Listening` gets it killed as a protocol breaker).
-    assert!(
-        hello.wait_stderr("worker 3 is listening"),
-        "{}",
-        hello.stderr()
-    );
+    hello.wait_stderr("worker 3 is listening", 1);
     for _ in 0..6 {
         assert_hello(&request(hello.port, GET_CLOSE));
     }

@@ -17,7 +17,7 @@ mod hello;
 use hello::*;
 
 /// `VmRSS` of a process, in KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
+fn rss_kib(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
@@ -70,8 +70,8 @@ impl Drop for Honest {
 }
 
 /// The only worker of a `--workers 1` hello.
-fn only_worker(hello: &Hello) -> u32 {
-    until(START, || match hello.worker_pids()[..] {
+fn only_worker(hello: &Hello) -> i32 {
+    until(START, || match hello.workers()[..] {
         [pid] => Some(pid),
         _ => None,
     })

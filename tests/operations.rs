@@ -9,326 +9,20 @@
 //! pid is never hit), then the primary.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-#[path = "support/example.rs"]
-mod example;
-const START: Duration = Duration::from_secs(10);
-const EXIT: Duration = Duration::from_secs(10);
-const IO: Duration = Duration::from_secs(5);
-const GET_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
-const GET_KEEP: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+#[path = "support/hello.rs"]
+mod hello;
+use hello::common::{cpu_ms, is_alive_as};
+use hello::{hello_bin, signal, until, Hello, EXIT, GET, GET_CLOSE, IO, START};
+
 const BODY: &[u8] = b"hello world\n";
-
-fn hello_bin() -> PathBuf {
-    example::example_bin("hello")
-}
-
-// ---------------------------------------------------------------------------
-// Processes, by exact pid.
-
-/// The fields of `/proc/PID/stat` after the command name (0 = state).
-fn stat(pid: u32) -> Option<Vec<String>> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    Some(rest.split_whitespace().map(str::to_owned).collect())
-}
-
-fn start_time(pid: u32) -> Option<u64> {
-    stat(pid)?.get(19)?.parse().ok()
-}
-
-/// Exists, is not a zombie, and (if given) is the process started then.
-fn alive(pid: u32, started: Option<u64>) -> bool {
-    match stat(pid) {
-        Some(f) if f[0] != "Z" && f[0] != "X" => {
-            started.is_none() || f.get(19).and_then(|s| s.parse().ok()) == started
-        }
-        _ => false,
-    }
-}
-
-fn clk_tck() -> u64 {
-    static TCK: OnceLock<u64> = OnceLock::new();
-    *TCK.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100)
-    })
-}
-
-/// utime + stime in ms.
-fn cpu_ms(pid: u32) -> Option<u64> {
-    let f = stat(pid)?;
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks * 1000 / clk_tck())
-}
-
-/// Live (non-zombie) children of `pid`, over all its threads.
-fn children(pid: u32) -> Vec<u32> {
-    let mut kids = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return kids;
-    };
-    for task in tasks.flatten() {
-        let path = task.path().join("children");
-        if let Ok(s) = std::fs::read_to_string(path) {
-            kids.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-        }
-    }
-    kids.sort_unstable();
-    kids.dedup();
-    kids.retain(|&k| alive(k, None));
-    kids
-}
-
-/// `SYNCLUSTER_WORKER_ID` of a worker process.
-fn worker_id(pid: u32) -> Option<u32> {
-    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    env.split(|&b| b == 0).find_map(|kv| {
-        let v = kv.strip_prefix(b"SYNCLUSTER_WORKER_ID=")?;
-        std::str::from_utf8(v).ok()?.parse().ok()
-    })
-}
-
-/// Sends `sig` (a name: TERM, KILL, ...) to exactly `pid`.
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
-}
-
-fn until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
-// ---------------------------------------------------------------------------
-// A running hello cluster.
-
-struct Hello {
-    child: Child,
-    pid: u32,
-    stdout: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-    /// Every worker pid seen, with its start time: the cleanup list.
-    seen: Mutex<BTreeMap<u32, u64>>,
-    port: u16,
-}
-
-impl Hello {
-    /// hello `--port 0 args` with `env`.
-    fn start(args: &[&str], env: &[(&str, &str)]) -> Hello {
-        let mut cmd = Command::new(hello_bin());
-        cmd.args(["--port", "0"]).args(args);
-        Hello::spawn(cmd, env, true)
-    }
-
-    /// hello under `ulimit -n limit` (bash execs it: same pid).
-    fn start_ulimit(limit: u32, args: &[&str]) -> Hello {
-        let mut cmd = Command::new("bash");
-        cmd.args(["-c", &format!("ulimit -n {limit}; exec \"$0\" \"$@\"")]);
-        cmd.arg(hello_bin()).args(["--port", "0"]).args(args);
-        Hello::spawn(cmd, &[], true)
-    }
-
-    fn spawn(mut cmd: Command, env: &[(&str, &str)], wait_listening: bool) -> Hello {
-        let mut child = cmd
-            .envs(env.iter().copied())
-            .env_remove("SYNCLUSTER_SCHED_POLICY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hello");
-        let (tx, stdout) = mpsc::channel();
-        let out = child.stdout.take().expect("piped stdout");
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let err = child.stderr.take().expect("piped stderr");
-        let sink = stderr.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let mut hello = Hello {
-            pid: child.id(),
-            child,
-            stdout,
-            stderr,
-            seen: Mutex::new(BTreeMap::new()),
-            port: 0,
-        };
-        if wait_listening {
-            // On panic here, `drop` still kills the tree.
-            let line = hello
-                .stdout
-                .recv_timeout(START)
-                .unwrap_or_else(|_| panic!("no listening line; stderr: {}", hello.stderr()));
-            hello.port = line
-                .strip_prefix("listening on http://127.0.0.1:")
-                .and_then(|rest| rest.split(' ').next())
-                .and_then(|p| p.parse().ok())
-                .unwrap_or_else(|| panic!("not a listening line: {line:?}"));
-        }
-        hello.workers();
-        hello
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn stderr_count(&self, needle: &str) -> usize {
-        self.stderr().lines().filter(|l| l.contains(needle)).count()
-    }
-
-    /// Waits until `needle` is on `count` stderr lines.
-    fn wait_stderr(&self, needle: &str, count: usize, timeout: Duration) {
-        if until(timeout, || {
-            (self.stderr_count(needle) >= count).then_some(())
-        })
-        .is_none()
-        {
-            panic!(
-                "{count} x {needle:?} not on stderr within {timeout:?}; stderr:\n{}",
-                self.stderr()
-            );
-        }
-    }
-
-    /// Live workers now (remembered for the cleanup).
-    fn workers(&self) -> Vec<u32> {
-        let kids = children(self.pid);
-        let mut seen = self.seen.lock().unwrap();
-        for &k in &kids {
-            if let (false, Some(st)) = (seen.contains_key(&k), start_time(k)) {
-                seen.insert(k, st);
-            }
-        }
-        kids
-    }
-
-    fn started(&self, pid: u32) -> Option<u64> {
-        self.seen.lock().unwrap().get(&pid).copied()
-    }
-
-    /// Waits until exactly `n` workers run; returns them.
-    fn wait_workers(&self, n: usize, timeout: Duration) -> Vec<u32> {
-        until(timeout, || Some(self.workers()).filter(|w| w.len() == n)).unwrap_or_else(|| {
-            panic!(
-                "not {n} workers within {timeout:?}: {:?}; stderr:\n{}",
-                self.workers(),
-                self.stderr()
-            )
-        })
-    }
-
-    fn worker_with_id(&self, id: u32) -> u32 {
-        until(START, || {
-            self.workers()
-                .into_iter()
-                .find(|&p| worker_id(p) == Some(id))
-        })
-        .unwrap_or_else(|| panic!("no worker {id}: {:?}", self.workers()))
-    }
-
-    fn signal(&self, sig: &str) {
-        signal(self.pid, sig);
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// SIGTERM; asserts exit 0.
-    fn stop(&mut self) {
-        self.workers();
-        self.signal("TERM");
-        let status = self.wait_exit(EXIT);
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "exit after SIGTERM: {status:?}; stderr:\n{}",
-            self.stderr()
-        );
-    }
-
-    fn lines(&self, timeout: Duration) -> Vec<String> {
-        let mut lines = Vec::new();
-        while let Ok(line) = self.stdout.recv_timeout(timeout) {
-            lines.push(line);
-        }
-        lines
-    }
-}
-
-impl Drop for Hello {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!("hello's stderr:\n{}", self.stderr());
-        }
-        // Workers first: once the primary is gone they are no longer its
-        // children. Then the primary, then the workers again (orphans).
-        self.workers();
-        let seen: Vec<(u32, u64)> = self
-            .seen
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(&p, &s)| (p, s))
-            .collect();
-        let kill_workers = || {
-            for &(pid, st) in &seen {
-                if alive(pid, Some(st)) {
-                    signal(pid, "KILL");
-                }
-            }
-        };
-        kill_workers();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        kill_workers();
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Clients that count every request's outcome.
@@ -507,7 +201,7 @@ impl Load {
                                 }
                             },
                         };
-                        let (outcome, keep) = match s.write_all(GET_KEEP) {
+                        let (outcome, keep) = match s.write_all(GET) {
                             Ok(()) => read_response(&mut s),
                             Err(e) => (classify(&e), false),
                         };
@@ -570,7 +264,7 @@ fn assert_serves(port: u16, n: usize) {
 
 #[test]
 fn sigterm_under_load_completes_accepted_requests_and_exits_0() {
-    let mut hello = Hello::start(&["--workers", "2"], &[]);
+    let mut hello = Hello::start(&["--workers", "2"]);
     let load = Load::start(hello.port, 8, false, Duration::from_secs(10));
     thread::sleep(Duration::from_millis(700));
     // Taken before `kill` runs: whatever connected earlier surely did so
@@ -616,7 +310,7 @@ fn sigterm_under_load_completes_accepted_requests_and_exits_0() {
 
 #[test]
 fn sighup_three_times_under_load_fails_no_request() {
-    let mut hello = Hello::start(&["--workers", "2"], &[]);
+    let mut hello = Hello::start(&["--workers", "2"]);
     let first = hello.wait_workers(2, START);
     let load = Load::start(hello.port, 8, false, Duration::from_secs(12));
     thread::sleep(Duration::from_millis(300));
@@ -624,7 +318,7 @@ fn sighup_three_times_under_load_fails_no_request() {
         // One at a time: a SIGHUP during a reload is ignored, and two
         // pending SIGHUPs merge into one.
         hello.signal("HUP");
-        hello.wait_stderr("Reloaded", i, Duration::from_secs(10));
+        hello.wait_stderr("Reloaded", i);
         thread::sleep(Duration::from_millis(100));
     }
     thread::sleep(Duration::from_millis(200));
@@ -651,7 +345,7 @@ fn killed_worker_is_respawned_with_backoff_and_crash_loop_is_reported() {
     let port = held.local_addr().unwrap().port().to_string();
     let mut cmd = Command::new(hello_bin());
     cmd.args(["--workers", "2", "--port", &port]);
-    let mut doomed = Hello::spawn(cmd, &[], false);
+    let mut doomed = Hello::launch(cmd);
     let status = doomed.wait_exit(EXIT);
     assert_eq!(
         status.and_then(|s| s.code()),
@@ -660,7 +354,7 @@ fn killed_worker_is_respawned_with_backoff_and_crash_loop_is_reported() {
         doomed.stderr()
     );
     // (stderr is read by a thread: wait for it.)
-    doomed.wait_stderr("could not listen; stopping", 1, START);
+    doomed.wait_stderr("could not listen; stopping", 1);
     thread::sleep(Duration::from_millis(100));
     // At most the two initial workers tried (the second may be stopped
     // before it tries): no fork loop.
@@ -672,18 +366,18 @@ fn killed_worker_is_respawned_with_backoff_and_crash_loop_is_reported() {
     // A young worker killed again and again: the respawn delay doubles.
     // Two workers, and the victim is always the newest one: the other keeps
     // serving meanwhile.
-    let hello = Hello::start(&["--workers", "2"], &[]);
+    let hello = Hello::start(&["--workers", "2"]);
     let mut victim = hello.wait_workers(2, START)[1];
     let mut delays = Vec::new();
     for k in 1..=5 {
-        let others: Vec<u32> = hello
+        let others: Vec<i32> = hello
             .workers()
             .into_iter()
             .filter(|&p| p != victim)
             .collect();
         let killed = Instant::now();
         signal(victim, "KILL");
-        hello.wait_stderr("forking a replacement", k, START);
+        hello.wait_stderr("forking a replacement", k);
         let line = hello
             .stderr()
             .lines()
@@ -713,7 +407,7 @@ fn killed_worker_is_respawned_with_backoff_and_crash_loop_is_reported() {
     }
     assert_eq!(delays, [0, 100, 200, 400, 800], "{}", hello.stderr());
     // The last replacement serves.
-    hello.wait_stderr("is listening (a replacement)", 1, START);
+    hello.wait_stderr("is listening (a replacement)", 1);
     until(START, || (request(hello.port) == Outcome::Ok).then_some(()))
         .expect("no service after the respawns");
 }
@@ -723,18 +417,18 @@ fn killed_worker_is_respawned_with_backoff_and_crash_loop_is_reported() {
 /// and with `--port 0` the replacement bound a new, unannounced port).
 #[test]
 fn only_worker_killed_is_replaced_on_the_announced_port() {
-    let mut hello = Hello::start(&["--workers", "1"], &[]);
+    let mut hello = Hello::start(&["--workers", "1"]);
     let victim = hello.wait_workers(1, START)[0];
     assert_eq!(request(hello.port), Outcome::Ok);
     signal(victim, "KILL");
-    hello.wait_stderr("is listening (a replacement)", 1, START);
+    hello.wait_stderr("is listening (a replacement)", 1);
     assert_eq!(request(hello.port), Outcome::Ok, "the announced port");
     hello.stop();
 }
 
 #[test]
 fn sigttin_and_sigttou_scale_workers() {
-    let mut hello = Hello::start(&["--workers", "2"], &[]);
+    let mut hello = Hello::start(&["--workers", "2"]);
     hello.wait_workers(2, START);
     // Wait for each notice: two pending signals of a kind merge into one.
     let steps = [
@@ -747,7 +441,7 @@ fn sigttin_and_sigttou_scale_workers() {
     ];
     for (i, (sig, n)) in steps.into_iter().enumerate() {
         hello.signal(sig);
-        hello.wait_stderr("Scaled {", i + 1, START);
+        hello.wait_stderr("Scaled {", i + 1);
         let line = hello
             .stderr()
             .lines()
@@ -768,7 +462,7 @@ fn sigttin_and_sigttou_scale_workers() {
 
 #[test]
 fn hung_worker_is_killed_and_replaced() {
-    let mut hello = Hello::start(
+    let mut hello = Hello::start_env(
         &["--workers", "2"],
         &[("HELLO_FAULT", "hang:1"), ("HELLO_HANG_TIMEOUT_MS", "1000")],
     );
@@ -776,11 +470,11 @@ fn hung_worker_is_killed_and_replaced() {
     let st1 = hello.started(w1);
     let began = Instant::now();
     let load = Load::start(hello.port, 4, false, Duration::from_secs(8));
-    let died = until(START, || (!alive(w1, st1)).then(Instant::now))
+    let died = until(START, || (!is_alive_as(w1, st1)).then(Instant::now))
         .expect("the hung worker was not killed");
     let hung_for = died - began;
-    hello.wait_stderr("worker 1 hung; killed", 1, START);
-    hello.wait_stderr("is listening (a replacement)", 1, START);
+    hello.wait_stderr("worker 1 hung; killed", 1);
+    hello.wait_stderr("is listening (a replacement)", 1);
     thread::sleep(Duration::from_millis(200));
     let records = load.finish();
     let t = tally(&records);
@@ -798,15 +492,15 @@ fn hung_worker_is_killed_and_replaced() {
 
 #[test]
 fn rogue_worker_is_killed_and_replaced() {
-    let mut hello = Hello::start(&["--workers", "2"], &[("HELLO_FAULT", "rogue:1")]);
+    let mut hello = Hello::start_env(&["--workers", "2"], &[("HELLO_FAULT", "rogue:1")]);
     let w1 = hello.worker_with_id(1);
     let st1 = hello.started(w1);
     let threads = 4;
     let load = Load::start(hello.port, threads, false, Duration::from_secs(8));
-    let died = until(START, || (!alive(w1, st1)).then(Instant::now))
+    let died = until(START, || (!is_alive_as(w1, st1)).then(Instant::now))
         .expect("the rogue worker was not killed");
-    hello.wait_stderr("broke the channel protocol", 1, START);
-    hello.wait_stderr("is listening (a replacement)", 1, START);
+    hello.wait_stderr("broke the channel protocol", 1);
+    hello.wait_stderr("is listening (a replacement)", 1);
     thread::sleep(Duration::from_millis(300));
     let records = load.finish();
     let t = tally(&records);
@@ -826,7 +520,7 @@ fn rogue_worker_is_killed_and_replaced() {
 
 #[test]
 fn sigquit_stops_at_once() {
-    let mut hello = Hello::start(&["--workers", "2"], &[]);
+    let mut hello = Hello::start(&["--workers", "2"]);
     let workers = hello.wait_workers(2, START);
     // A connection in the middle of a request: a graceful stop would wait
     // for it (up to the 10 s read timeout).
@@ -839,9 +533,12 @@ fn sigquit_stops_at_once() {
     let took = t0.elapsed();
     assert!(status.is_some(), "still running after SIGQUIT");
     assert!(took < Duration::from_secs(2), "SIGQUIT took {took:?}");
-    hello.wait_stderr("stopping now", 1, START);
+    hello.wait_stderr("stopping now", 1);
     for w in workers {
-        assert!(!alive(w, hello.started(w)), "worker {w} survived SIGQUIT");
+        assert!(
+            !is_alive_as(w, hello.started(w)),
+            "worker {w} survived SIGQUIT"
+        );
     }
     // The held connection was cut, not left hanging.
     let (outcome, _) = read_response(&mut slow);
@@ -853,27 +550,27 @@ fn sigquit_stops_at_once() {
 
 #[test]
 fn primary_sigkill_leaves_no_orphan_within_2s() {
-    let mut hello = Hello::start(&["--workers", "2"], &[]);
+    let mut hello = Hello::start(&["--workers", "2"]);
     let workers = hello.wait_workers(2, START);
     // Some traffic and an idle keep-alive connection.
     assert_serves(hello.port, 4);
     let mut idle = connect(hello.port, IO).expect("connect");
-    idle.write_all(GET_KEEP).unwrap();
+    idle.write_all(GET).unwrap();
     assert_eq!(read_response(&mut idle), (Outcome::Ok, true));
-    let started: Vec<(u32, Option<u64>)> = workers.iter().map(|&w| (w, hello.started(w))).collect();
+    let started: Vec<(i32, Option<u64>)> = workers.iter().map(|&w| (w, hello.started(w))).collect();
 
     let t0 = Instant::now();
-    signal(hello.pid, "KILL");
+    hello.signal("KILL");
     let _ = hello.wait_exit(EXIT);
     let gone = until(Duration::from_secs(2), || {
         started
             .iter()
-            .all(|&(w, st)| !alive(w, st))
+            .all(|&(w, st)| !is_alive_as(w, st))
             .then(|| t0.elapsed())
     });
-    let left: Vec<u32> = started
+    let left: Vec<i32> = started
         .iter()
-        .filter(|&&(w, st)| alive(w, st))
+        .filter(|&&(w, st)| is_alive_as(w, st))
         .map(|&(w, _)| w)
         .collect();
     assert!(
@@ -888,12 +585,12 @@ fn primary_sigkill_leaves_no_orphan_within_2s() {
 fn fd_exhaustion(limit: u32) {
     let mut hello = Hello::start_ulimit(limit, &["--workers", "2"]);
     hello.wait_workers(2, START);
-    let cpu0 = cpu_ms(hello.pid).expect("primary cpu");
+    let cpu0 = cpu_ms(hello.pid()).expect("primary cpu");
     let window = Duration::from_secs(3);
     let load = Load::start_with(hello.port, 200, true, window, Duration::from_secs(1));
     thread::sleep(window);
     let records = load.finish();
-    let cpu = cpu_ms(hello.pid).expect("primary cpu") - cpu0;
+    let cpu = cpu_ms(hello.pid()).expect("primary cpu") - cpu0;
     let t = tally(&records);
     eprintln!("ulimit -n {limit}: primary CPU {cpu} ms in {window:?}; clients: {t:?}");
     assert!(t.get(&Outcome::Ok).is_some_and(|&n| n > 100), "{t:?}");

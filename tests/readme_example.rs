@@ -3,65 +3,17 @@
 //! `systemctl stop` send) stops it with exit 0 while clients are served,
 //! instead of hanging until SIGKILL.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read};
+use std::io::{ErrorKind, Read};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 #[path = "support/hello.rs"]
 mod hello;
-use hello::{signal, until, IO, START};
-
-/// The running example; its process tree is killed on every path.
-struct Readme {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Readme {
-    fn start() -> Readme {
-        let mut child = Command::new(hello::example::example_bin("readme"))
-            .arg("127.0.0.1:0")
-            .env_remove("SYNCLUSTER_SCHED_POLICY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the readme example");
-        let (tx, stderr) = mpsc::channel();
-        let err = child.stderr.take().expect("piped stderr");
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Readme { child, stderr }
-    }
-
-    fn workers(&self) -> Vec<u32> {
-        let pid = self.child.id();
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect()
-    }
-}
-
-impl Drop for Readme {
-    fn drop(&mut self) {
-        for pid in self.workers() {
-            signal(pid, "KILL");
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use hello::{until, Hello, IO, START};
 
 /// One connection: the example answers without reading, then closes.
 fn get(port: u16) -> std::io::Result<Vec<u8>> {
@@ -76,14 +28,18 @@ const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
 
 #[test]
 fn readme_example_serves_and_stops_with_exit_0_on_sigterm() {
-    let mut readme = Readme::start();
+    let mut cmd = Command::new(hello::example::example_bin("readme"));
+    cmd.arg("127.0.0.1:0");
+    // Its process tree is killed on every path.
+    let mut readme = Hello::launch(cmd);
     // Both workers listen, on the one port the primary bound.
+    let lines = until(START, || {
+        let lines: Vec<String> = readme.stderr().lines().take(2).map(str::to_owned).collect();
+        (lines.len() == 2).then_some(lines)
+    })
+    .expect("two `listens on` lines");
     let mut port = None;
-    for _ in 0..2 {
-        let line = readme
-            .stderr
-            .recv_timeout(START)
-            .expect("a `listens on` line");
+    for line in lines {
         let p: u16 = line
             .split_once(" listens on 127.0.0.1:")
             .and_then(|(_, p)| p.parse().ok())
@@ -127,9 +83,9 @@ fn readme_example_serves_and_stops_with_exit_0_on_sigterm() {
 
     let workers = readme.workers();
     assert_eq!(workers.len(), 2, "{workers:?}");
-    signal(readme.child.id(), "TERM");
+    readme.signal("TERM");
     let sent = Instant::now();
-    let status = until(Duration::from_secs(2), || readme.child.try_wait().unwrap());
+    let status = readme.wait_exit(Duration::from_secs(2));
     let took = sent.elapsed();
     stop.store(true, Ordering::Relaxed);
     client.join().expect("client thread");

@@ -84,17 +84,17 @@ fn sigttin_beyond_the_fd_limit_is_refused_and_the_cluster_keeps_serving() {
 
     let mut hello = Hello::start_ulimit(24, &["--workers", "4"]);
     hello.signal("TTIN");
-    assert!(hello.wait_stderr("not scaling up: cannot run 5 workers"));
+    hello.wait_stderr("not scaling up: cannot run 5 workers", 1);
     assert!(!hello.stderr().contains("Scaled"), "{}", hello.stderr());
-    assert_eq!(hello.worker_pids().len(), 4);
+    assert_eq!(hello.workers().len(), 4);
     for _ in 0..4 {
         assert_hello(&request(hello.port, GET_CLOSE));
     }
     // TTOU then TTIN: back to 4, which fits.
     hello.signal("TTOU");
-    assert!(hello.wait_stderr("Scaled { workers: 3 }"));
+    hello.wait_stderr("Scaled { workers: 3 }", 1);
     hello.signal("TTIN");
-    assert!(hello.wait_stderr("Scaled { workers: 4 }"));
+    hello.wait_stderr("Scaled { workers: 4 }", 1);
     hello.stop();
 }
 

@@ -44,7 +44,9 @@
 //!     `/proc`, plus every pid a `pids` answer named that still runs the
 //!     probe binary) and reaps the probe.
 //! - Processes: [`count_fds`], [`is_alive`] (exists and not a zombie),
-//!   [`children_of`], [`wait_until`], [`output_within`].
+//!   [`is_alive_as`] (and started then), [`start_time`], [`cpu_ms`],
+//!   [`children_of`], [`until`], [`wait_until`], [`output_within`],
+//!   [`try_output_within`]. `tests/support/hello.rs` uses these too.
 //! - Sockets: [`tcp_line`] (connect, read one line), [`http_get`].
 
 #![allow(dead_code)]
@@ -510,20 +512,47 @@ impl Drop for Probe {
 
 // ------------------------------------------------------------ processes
 
-/// `(state, ppid)` from `/proc/<pid>/stat`.
-fn stat(pid: i32) -> Option<(char, i32)> {
+/// The fields of `/proc/<pid>/stat` after the command name: 0 state,
+/// 11 utime, 12 stime, 19 start time.
+fn stat(pid: i32) -> Option<Vec<String>> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) state ppid ...": comm may hold spaces and parens.
     let rest = s.rsplit_once(')')?.1;
-    let mut f = rest.split_whitespace();
-    let state = f.next()?.chars().next()?;
-    let ppid = f.next()?.parse().ok()?;
-    Some((state, ppid))
+    Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 /// True if `pid` exists and is not a zombie (or dead).
 pub fn is_alive(pid: i32) -> bool {
-    matches!(stat(pid), Some((s, _)) if s != 'Z' && s != 'X')
+    is_alive_as(pid, None)
+}
+
+/// [`is_alive`], and if `started` is given, still the process that
+/// started then ([`start_time`]), not another one with its pid.
+pub fn is_alive_as(pid: i32, started: Option<u64>) -> bool {
+    match stat(pid) {
+        Some(f) if f[0] != "Z" && f[0] != "X" => {
+            started.is_none() || f.get(19).and_then(|s| s.parse().ok()) == started
+        }
+        _ => false,
+    }
+}
+
+/// When `pid` started, in clock ticks since boot.
+pub fn start_time(pid: i32) -> Option<u64> {
+    stat(pid)?.get(19)?.parse().ok()
+}
+
+/// The CPU time (user + system) `pid` used, in ms.
+pub fn cpu_ms(pid: i32) -> Option<u64> {
+    static TCK: OnceLock<u64> = OnceLock::new();
+    let tck = *TCK.get_or_init(|| {
+        let out = Command::new("getconf").arg("CLK_TCK").output().ok();
+        out.and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+            .unwrap_or(100)
+    });
+    let f = stat(pid)?;
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks * 1000 / tck)
 }
 
 /// The number of open fds of `pid` (`/proc/<pid>/fd` entries).
@@ -533,36 +562,52 @@ pub fn count_fds(pid: i32) -> usize {
         .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
 }
 
-/// Pids whose parent is `pid` (zombies included), from `/proc/*/stat`.
+/// Children of `pid` (zombies included), sorted, from the `children` file
+/// of each of its threads.
 pub fn children_of(pid: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&c| matches!(stat(c), Some((_, ppid)) if ppid == pid))
-        .collect()
+    let mut kids = Vec::new();
+    for task in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(task.path().join("children")) {
+            kids.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    kids.sort_unstable();
+    kids.dedup();
+    kids
 }
 
-/// Polls `cond` every 10 ms until it holds (`true`) or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+/// Polls `f` every 10 ms until it gives `Some` or `timeout` passes.
+pub fn until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let end = Instant::now() + timeout;
     loop {
-        if cond() {
-            return true;
+        if let Some(v) = f() {
+            return Some(v);
         }
         if Instant::now() >= end {
-            return false;
+            return None;
         }
         thread::sleep(Duration::from_millis(10));
     }
 }
 
+/// Polls `cond` every 10 ms until it holds (`true`) or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    until(timeout, || cond().then_some(())).is_some()
+}
+
 /// Runs `cmd` (stdout and stderr piped, stdin as set or inherited) for at
 /// most `timeout`; SIGKILLs it and panics past that.
 pub fn output_within(mut cmd: Command, timeout: Duration) -> Output {
+    try_output_within(&mut cmd, timeout).unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+}
+
+/// [`output_within`], with the error if `cmd` cannot be spawned.
+pub fn try_output_within(cmd: &mut Command, timeout: Duration) -> io::Result<Output> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut child = cmd.spawn()?;
     let drain = |r: Option<Box<dyn Read + Send>>| {
         thread::spawn(move || {
             let mut v = Vec::new();
@@ -586,11 +631,11 @@ pub fn output_within(mut cmd: Command, timeout: Duration) -> Output {
         }
         thread::sleep(Duration::from_millis(10));
     };
-    Output {
+    Ok(Output {
         status,
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
-    }
+    })
 }
 
 // ------------------------------------------------------------ sockets

@@ -1,10 +1,12 @@
-//! The harness of the tests that run `examples/hello.rs`: start it on port
-//! 0, wait for its listening line, talk HTTP to it, and kill the whole
-//! process tree on every path (see `Hello::drop`). Included with
+//! The harness of the tests that run `examples/hello.rs` (or another
+//! example): start it on port 0, wait for its listening line, talk HTTP to
+//! it, and kill every process it started on every path, panics included
+//! (see `Hello::drop`). Included with
 //! `#[path = "support/hello.rs"] mod hello;`; each test uses part of it.
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -12,10 +14,14 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+#[path = "../common/mod.rs"]
+pub mod common;
 #[path = "example.rs"]
 pub mod example;
+pub use common::until;
+use common::{children_of, is_alive, is_alive_as, start_time};
 
 pub const START: Duration = Duration::from_secs(15);
 pub const IO: Duration = Duration::from_secs(5);
@@ -33,6 +39,8 @@ pub struct Hello {
     child: Child,
     stdout: Receiver<String>,
     stderr: Arc<Mutex<String>>,
+    /// Every worker pid seen, with its start time: the cleanup list.
+    seen: Mutex<BTreeMap<i32, u64>>,
     /// The listening line, and the port in it.
     pub listening: String,
     pub port: u16,
@@ -66,7 +74,20 @@ impl Hello {
 
     /// Runs `cmd` (hello, or something that execs it) and waits for the
     /// listening line.
-    pub fn spawn(mut cmd: Command) -> Hello {
+    pub fn spawn(cmd: Command) -> Hello {
+        let mut hello = Hello::launch(cmd);
+        // On panic here, `drop` still kills the tree.
+        hello.listening = hello
+            .line(START)
+            .unwrap_or_else(|| panic!("no listening line; stderr: {}", hello.stderr()));
+        hello.port = listening_port(&hello.listening)
+            .unwrap_or_else(|| panic!("not a listening line: {:?}", hello.listening));
+        hello.workers();
+        hello
+    }
+
+    /// Runs `cmd` and waits for nothing.
+    pub fn launch(mut cmd: Command) -> Hello {
         let mut child = cmd
             .env_remove("SYNCLUSTER_SCHED_POLICY")
             .stdin(Stdio::null())
@@ -93,45 +114,84 @@ impl Hello {
                 s.push('\n');
             }
         });
-        let mut hello = Hello {
+        Hello {
             child,
             stdout,
             stderr,
+            seen: Mutex::new(BTreeMap::new()),
             listening: String::new(),
             port: 0,
-        };
-        // On panic here, `drop` still kills the tree.
-        hello.listening = hello
-            .line(START)
-            .unwrap_or_else(|| panic!("no listening line; stderr: {}", hello.stderr()));
-        hello.port = listening_port(&hello.listening)
-            .unwrap_or_else(|| panic!("not a listening line: {:?}", hello.listening));
-        hello
+        }
     }
 
     pub fn line(&self, timeout: Duration) -> Option<String> {
         self.stdout.recv_timeout(timeout).ok()
     }
 
+    /// The stdout lines until none comes for `timeout` (or stdout closes).
+    pub fn lines(&self, timeout: Duration) -> Vec<String> {
+        std::iter::from_fn(|| self.line(timeout)).collect()
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    pub fn stderr_count(&self, needle: &str) -> usize {
+        self.stderr().lines().filter(|l| l.contains(needle)).count()
     }
 
-    pub fn worker_pids(&self) -> Vec<u32> {
-        let pid = self.pid();
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect()
+    /// Waits up to `START` until `needle` is on `count` stderr lines.
+    pub fn wait_stderr(&self, needle: &str, count: usize) {
+        if until(START, || (self.stderr_count(needle) >= count).then_some(())).is_none() {
+            panic!(
+                "{count} x {needle:?} not on stderr within {START:?}; stderr:\n{}",
+                self.stderr()
+            );
+        }
     }
 
-    pub fn wait_stderr(&self, needle: &str) -> bool {
-        until(START, || self.stderr().contains(needle).then_some(())).is_some()
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Live workers now (remembered for the cleanup).
+    pub fn workers(&self) -> Vec<i32> {
+        let mut kids = children_of(self.pid());
+        kids.retain(|&k| is_alive(k));
+        let mut seen = self.seen.lock().unwrap();
+        for &k in &kids {
+            if let (false, Some(st)) = (seen.contains_key(&k), start_time(k)) {
+                seen.insert(k, st);
+            }
+        }
+        kids
+    }
+
+    /// The start time of worker `pid` when it was first seen.
+    pub fn started(&self, pid: i32) -> Option<u64> {
+        self.seen.lock().unwrap().get(&pid).copied()
+    }
+
+    /// Waits up to `timeout` until exactly `n` workers run; returns them.
+    pub fn wait_workers(&self, n: usize, timeout: Duration) -> Vec<i32> {
+        until(timeout, || Some(self.workers()).filter(|w| w.len() == n)).unwrap_or_else(|| {
+            panic!(
+                "not {n} workers within {timeout:?}: {:?}; stderr:\n{}",
+                self.workers(),
+                self.stderr()
+            )
+        })
+    }
+
+    /// The worker whose `SYNCLUSTER_WORKER_ID` is `id`, waiting up to `START`.
+    pub fn worker_with_id(&self, id: u32) -> i32 {
+        until(START, || {
+            self.workers()
+                .into_iter()
+                .find(|&p| worker_id(p) == Some(id))
+        })
+        .unwrap_or_else(|| panic!("no worker {id}: {:?}", self.workers()))
     }
 
     pub fn signal(&self, sig: &str) {
@@ -139,31 +199,21 @@ impl Hello {
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        None
+        until(timeout, || self.child.try_wait().expect("try_wait"))
     }
 
     /// SIGTERM, then every stdout line until the process exits; asserts a
     /// clean exit.
     pub fn stop(&mut self) -> Vec<String> {
+        self.workers();
         self.signal("TERM");
         let status = self.wait_exit(EXIT);
         assert!(
             status.is_some_and(|s| s.success()),
-            "exit after SIGTERM: {status:?}; stderr: {}",
+            "exit after SIGTERM: {status:?}; stderr:\n{}",
             self.stderr()
         );
-        let mut lines = Vec::new();
-        while let Some(line) = self.line(Duration::from_secs(2)) {
-            lines.push(line);
-        }
-        lines
+        self.lines(Duration::from_secs(2))
     }
 }
 
@@ -173,16 +223,35 @@ impl Drop for Hello {
             eprintln!("hello's stderr:\n{}", self.stderr());
         }
         // Workers first: once the primary is gone they are no longer its
-        // children and we could not find them.
-        for pid in self.worker_pids() {
-            signal(pid, "KILL");
-        }
+        // children. Then the primary, then the workers again (orphans).
+        // Each by pid and start time: a reused pid is never hit.
+        self.workers();
+        let seen: Vec<(i32, u64)> = self.seen.lock().unwrap().clone().into_iter().collect();
+        let kill_workers = || {
+            for &(pid, st) in &seen {
+                if is_alive_as(pid, Some(st)) {
+                    signal(pid, "KILL");
+                }
+            }
+        };
+        kill_workers();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        kill_workers();
     }
 }
 
-pub fn signal(pid: u32, sig: &str) {
+/// `SYNCLUSTER_WORKER_ID` of a worker process.
+fn worker_id(pid: i32) -> Option<u32> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0).find_map(|kv| {
+        let v = kv.strip_prefix(b"SYNCLUSTER_WORKER_ID=")?;
+        std::str::from_utf8(v).ok()?.parse().ok()
+    })
+}
+
+/// Sends `sig` (a name: TERM, KILL, ...) to exactly `pid`.
+pub fn signal(pid: i32, sig: &str) {
     let _ = Command::new("kill")
         .args([format!("-{sig}"), pid.to_string()])
         .stderr(Stdio::null())
@@ -192,19 +261,6 @@ pub fn signal(pid: u32, sig: &str) {
 pub fn listening_port(line: &str) -> Option<u16> {
     let rest = line.strip_prefix("listening on http://127.0.0.1:")?;
     rest.split(' ').next()?.parse().ok()
-}
-
-pub fn until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -302,44 +358,13 @@ pub fn assert_hello(r: &Response) {
     assert_eq!(r.body, b"hello world\n", "{r:?}");
 }
 
-/// Runs a command with a deadline: status, stdout, stderr; `None` if the
-/// program is missing.
+/// Runs a command (stdin null) with a 20 s deadline: status, stdout,
+/// stderr; `None` if the program is missing.
 pub fn run_bounded(cmd: &mut Command) -> Option<(ExitStatus, String, String)> {
-    let spawned = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(c) => c,
+    let out = match common::try_output_within(cmd.stdin(Stdio::null()), Duration::from_secs(20)) {
         Err(e) if e.kind() == ErrorKind::NotFound => return None,
-        Err(e) => panic!("spawn {cmd:?}: {e}"),
+        r => r.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not finish in time");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    Some((status, out, err))
+    let text = |b: Vec<u8>| String::from_utf8(b).expect("UTF-8 output");
+    Some((out.status, text(out.stdout), text(out.stderr)))
 }
