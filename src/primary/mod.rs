@@ -422,3 +422,31 @@ pub fn window_from_env() -> io::Result<Option<usize>> {
             }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // This thread's blocked signals, from /proc.
+    fn blocked() -> u64 {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let hex = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .unwrap()
+            .trim();
+        u64::from_str_radix(hex, 16).unwrap()
+    }
+
+    #[test]
+    fn dropping_the_primary_puts_the_signal_mask_back() {
+        let before = blocked();
+        let p = Primary::new(Settings::default()).unwrap();
+        let during = blocked();
+        for sig in SIGNALS {
+            assert_ne!(during & (1 << (sig - 1)), 0, "signal {sig} not blocked");
+        }
+        drop(p);
+        assert_eq!(blocked(), before);
+    }
+}
