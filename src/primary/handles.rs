@@ -93,7 +93,7 @@ impl Primary {
     // (EMFILE...), is an error reply and the worker goes on.
     pub(super) fn on_query(&mut self, id: u32, seq: u32, payload: &[u8]) -> io::Result<()> {
         let q = Query::decode(payload)?;
-        let (hid, shared_fd) = match self.serve_query(id, &q) {
+        let (hid, shared_fd, fresh) = match self.serve_query(id, &q) {
             Ok(v) => v,
             Err(e) => {
                 let body = protocol::encode_reply_err(shared::errno_of(&e), &e);
@@ -108,7 +108,9 @@ impl Primary {
             // No fd left to queue the shared socket with: our problem.
             Err(e) if shared_fd.is_some() && matches!(e.raw_os_error(), Some(23 | 24 | 12)) => {
                 drop(fds);
-                self.ungrant(id, hid);
+                if fresh {
+                    self.ungrant(id, hid);
+                }
                 let e = shared::named_error(e, &self.handles[&hid].address.to_string());
                 let body = protocol::encode_reply_err(shared::errno_of(&e), &e);
                 return self.send_frame(id, Kind::QueryReply, protocol::ERROR, seq, &body, &[]);
@@ -121,9 +123,10 @@ impl Primary {
         Ok(())
     }
 
-    // Finds or binds the handle for `q` and routes worker `id` to it;
-    // `Err` is the error the worker's `listen()` gets.
-    fn serve_query(&mut self, id: u32, q: &Query) -> io::Result<(u32, Option<OwnedFd>)> {
+    // Finds or binds the handle for `q` and routes worker `id` to it: the
+    // handle, a dup of its socket in shared mode, and whether the worker
+    // did not hold it before. `Err` is the error the worker's `listen()` gets.
+    fn serve_query(&mut self, id: u32, q: &Query) -> io::Result<(u32, Option<OwnedFd>, bool)> {
         let what = match &q.endpoint {
             Endpoint::Tcp(Some(ip), port) => std::net::SocketAddr::new(*ip, *port).to_string(),
             Endpoint::Tcp(None, port) => format!("port {port}"),
@@ -229,14 +232,20 @@ impl Primary {
         if !slot.handles.contains(&hid) {
             slot.handles.push(hid);
         }
-        match slot.grants.iter_mut().find(|g| g.hid == hid) {
-            Some(g) => g.listening_owed = true,
-            None => slot.grants.push(Grant {
-                hid,
-                listening_owed: true,
-            }),
-        }
-        Ok((hid, shared_fd))
+        let fresh = match slot.grants.iter_mut().find(|g| g.hid == hid) {
+            Some(g) => {
+                g.listening_owed = true;
+                false
+            }
+            None => {
+                slot.grants.push(Grant {
+                    hid,
+                    listening_owed: true,
+                });
+                true
+            }
+        };
+        Ok((hid, shared_fd, fresh))
     }
 
     // Undoes what `serve_query` did for a reply that could not be sent.
