@@ -159,6 +159,12 @@ pub(super) fn split_unix_path(path: &Path) -> io::Result<(PathBuf, OsString)> {
 /// directory of the path for a symlink, or the socket for another file,
 /// makes the primary remove nothing of what it put there. Dropping it
 /// removes the file (when a handle closes, and when the primary is dropped).
+///
+/// Left open: a directory of the path swapped out and back between the
+/// `bind` and the check that follows it (the socket is then refused, but
+/// its file stays wherever bind put it), and a rename between `fstatat`
+/// and `unlinkat`. Both need write access to a directory the program
+/// allowed.
 #[derive(Debug)]
 pub(super) struct UnixFile {
     dir: OwnedFd,
