@@ -19,7 +19,11 @@
 //! another answer is named):
 //! - `set exec PATH` | `set args A B ...` | `set cwd DIR` | `set policy rr|shared` |
 //!   `set window N` | `set queue N` | `set backlog N` | `set hang MS` (0 = off) |
-//!   `set uid N` | `set gid N` | `set user NAME [GROUP]` (`Settings::set_user`)
+//!   `set uid N` | `set gid N` | `set user NAME [GROUP]` (`Settings::set_user`) |
+//!   `set max_handles N` |
+//!   `set listen [RULE ...]`: `Settings::listen_rules`, each RULE
+//!   `tcp:HOST:LO-HI` (HOST `*` for any, `[v6]` in brackets) or `unix:DIR`;
+//!   no RULE allows nothing, `set listen default` restores `None`
 //! - `fork [KEY=VALUE ...]` → `forked <id>` (or `err fork <msg>`); the Fork
 //!   event prints `fork <id>` too
 //! - `send <id> <text...>` ; `sendfd <id> <text...>`: sends the text with one
@@ -113,6 +117,13 @@
 //!
 //! # Errors
 //!
+//! # Threads
+//!
+//! With `PROBE_THREAD_FIRST=1` in its environment, the probe starts a
+//! thread that sleeps forever, with no signal blocked, before `role()`:
+//! the way a program that starts threads before `Primary::new` loses
+//! signals to them.
+//!
 //! An error from `role()` (a malformed `SYNCLUSTER_*` variable) is printed as
 //! `error: <e>` on stderr and the process exits 2. Any other error ends the
 //! process with `error: <e>` on stderr and exit 1.
@@ -125,7 +136,7 @@ use std::process::exit;
 use std::time::Duration;
 
 use syncluster::ipc::wire::{Header, Kind};
-use syncluster::primary::{Event, ExitStatus, State, ENV_CHANNEL_FD};
+use syncluster::primary::{Event, ExitStatus, ListenRules, State, TcpRule, ENV_CHANNEL_FD};
 use syncluster::worker::{Event as WorkerEvent, Interest, Listener};
 use syncluster::{sys, Policy, Primary, Role, Worker};
 
@@ -135,6 +146,11 @@ const SIGKILL: i32 = 9;
 const RAW_MODES: [&str; 4] = ["garbage", "oversize", "badfds", "badkind"];
 
 fn main() {
+    if std::env::var_os("PROBE_THREAD_FIRST").is_some_and(|v| v == "1") {
+        std::thread::spawn(|| loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        });
+    }
     let mode = std::env::var("PROBE_MODE").unwrap_or_else(|_| "idle".to_string());
     if RAW_MODES.contains(&mode.as_str()) && std::env::var_os(ENV_CHANNEL_FD).is_some() {
         if let Err(e) = raw_worker(&mode) {
@@ -258,6 +274,8 @@ fn shutdown(mut primary: Primary) -> io::Result<()> {
             None => {}
         }
     }
+    // Dropped, so that its Unix socket files go.
+    drop(primary);
     exit(0);
 }
 
@@ -464,9 +482,40 @@ fn set(p: &mut Primary, what: &str, args: Vec<&str>) -> Result<(), String> {
             let n: u64 = num(one, "hang")?;
             p.set_hang_timeout((n > 0).then(|| Duration::from_millis(n)));
         }
+        "max_handles" => p.settings_mut().max_worker_handles = num(one, "max_handles")?,
+        "listen" => p.settings_mut().listen_rules = listen_rules(&args)?,
         _ => return Err(format!("unknown setting {what:?}")),
     }
     Ok(())
+}
+
+/// `set listen` arguments: see the module docs.
+fn listen_rules(args: &[&str]) -> Result<Option<ListenRules>, String> {
+    if args == ["default"] {
+        return Ok(None);
+    }
+    let mut rules = ListenRules::default();
+    for rule in args {
+        if let Some(dir) = rule.strip_prefix("unix:") {
+            rules.unix_dirs.push(PathBuf::from(dir));
+            continue;
+        }
+        let bad = || format!("bad rule {rule:?}: expected tcp:HOST:LO-HI or unix:DIR");
+        let (host, ports) = rule
+            .strip_prefix("tcp:")
+            .and_then(|r| r.rsplit_once(':'))
+            .ok_or_else(bad)?;
+        let (lo, hi) = ports.split_once('-').ok_or_else(bad)?;
+        let host = match host.trim_start_matches('[').trim_end_matches(']') {
+            "*" => None,
+            h => Some(h.parse().map_err(|_| bad())?),
+        };
+        rules.tcp.push(TcpRule {
+            host,
+            ports: lo.parse().map_err(|_| bad())?..=hi.parse().map_err(|_| bad())?,
+        });
+    }
+    Ok(Some(rules))
 }
 
 /// Children of this process in state Z, from `/proc/*/stat`.

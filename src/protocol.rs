@@ -203,6 +203,10 @@ impl Query {
                 if buf.is_empty() || buf.contains(&0) {
                     return Err(bad("empty path or NUL in path"));
                 }
+                if buf[0] != b'/' {
+                    // The worker resolves a relative path in its own cwd.
+                    return Err(bad("path is not absolute"));
+                }
                 Endpoint::Unix(PathBuf::from(std::ffi::OsStr::from_bytes(buf)))
             }
             _ => return Err(bad("unknown endpoint tag")),
@@ -331,6 +335,7 @@ mod tests {
         assert!(Query::decode(&[]).is_err());
         assert!(Query::decode(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
         assert!(Query::decode(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'x']).is_err());
+        assert!(Query::decode(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'x']).is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The event loop: one `epoll_wait` over the signalfd, every worker
-//! channel and every round-robin listener, and the frames workers send.
+//! channel, every worker's pidfd and every round-robin listener, and the
+//! frames workers send.
 
 #![forbid(unsafe_code)]
 
@@ -10,17 +11,50 @@ use std::time::{Duration, Instant};
 use super::workers::State;
 use super::{Event, Primary};
 use crate::ipc::channel::{Frame, Recv};
-use crate::ipc::wire::Kind;
+use crate::ipc::wire::{Kind, HEADER_LEN};
+use crate::protocol::REJECTED;
 use crate::readiness::Readiness;
 use crate::sys::{epoll, signal};
 
 pub(super) const TOKEN_SIGNAL: u64 = 0;
 pub(super) const TOKEN_WORKER: u64 = 1 << 32;
 pub(super) const TOKEN_HANDLE: u64 = 2 << 32;
+pub(super) const TOKEN_PIDFD: u64 = 3 << 32;
 pub(super) const TOKEN_USER: u64 = 1 << 62;
 
 fn other(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::Other, msg)
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// How much of one worker's channel one read takes, so that a flooding
+/// worker cannot hold the loop (or fill the event queue) while signals,
+/// accepts and the other workers wait.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Budget {
+    frames: usize,
+    bytes: usize,
+    fds: usize,
+}
+
+impl Budget {
+    /// One turn of the loop. The rest is read on the next turn.
+    pub(super) const TURN: Budget = Budget {
+        frames: 64,
+        bytes: 256 * 1024,
+        fds: 256,
+    };
+    /// What a worker that just exited left in its channel: more than an
+    /// honest one can have queued (the socket buffer), less than what a
+    /// child of it holding the channel could write forever.
+    pub(super) const AT_EXIT: Budget = Budget {
+        frames: 8192,
+        bytes: 8 * 1024 * 1024,
+        fds: 2048,
+    };
 }
 
 impl Primary {
@@ -49,11 +83,17 @@ impl Primary {
             if until.is_some_and(|u| now >= u) {
                 return Ok(None);
             }
-            let wait = [until, self.next_deadline()]
-                .into_iter()
-                .flatten()
-                .min()
-                .map(|d| d.saturating_duration_since(now));
+            // A worker read up to its budget: look at everything else, then
+            // read it again, without sleeping.
+            let wait = if self.read_again.is_empty() {
+                [until, self.next_deadline()]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .map(|d| d.saturating_duration_since(now))
+            } else {
+                Some(Duration::ZERO)
+            };
             self.turn(wait)?;
         }
     }
@@ -66,9 +106,17 @@ impl Primary {
             self.events_buf = evs;
             return Err(e);
         }
+        let mut again = std::mem::take(&mut self.read_again);
         for (token, flags) in evs.iter() {
             match token & !0xffff_ffff {
-                TOKEN_WORKER => self.on_worker(token as u32, flags),
+                TOKEN_WORKER => {
+                    let id = token as u32;
+                    if flags & (epoll::READABLE | epoll::HUP | epoll::ERROR) != 0 {
+                        again.retain(|&w| w != id);
+                    }
+                    self.on_worker(id, flags);
+                }
+                TOKEN_PIDFD => self.reap_worker(token as u32),
                 TOKEN_HANDLE => {
                     let hid = token as u32;
                     self.accept_ready(hid, false);
@@ -82,6 +130,10 @@ impl Primary {
             }
         }
         self.events_buf = evs;
+        // Frames already in a channel's buffer make no epoll event.
+        for id in again {
+            self.read_worker(id, Budget::TURN);
+        }
         self.on_timers();
         Ok(())
     }
@@ -104,7 +156,7 @@ impl Primary {
             self.flush_worker(id);
         }
         if flags & (epoll::READABLE | epoll::HUP | epoll::ERROR) != 0 {
-            self.read_worker(id);
+            self.read_worker(id, Budget::TURN);
         }
     }
 
@@ -127,13 +179,25 @@ impl Primary {
         }
     }
 
-    pub(super) fn read_worker(&mut self, id: u32) {
+    // Reads frames until the channel has none or `budget` is spent; then
+    // the worker is read again next turn.
+    pub(super) fn read_worker(&mut self, id: u32, budget: Budget) {
+        let (mut frames, mut bytes, mut fds) = (0, 0, 0);
         loop {
             let Some(ch) = self.workers.get_mut(&id).and_then(|s| s.channel.as_mut()) else {
                 return;
             };
+            if frames >= budget.frames || bytes >= budget.bytes || fds >= budget.fds {
+                if !self.read_again.contains(&id) {
+                    self.read_again.push(id);
+                }
+                return;
+            }
             match ch.try_recv() {
                 Ok(Recv::Frame(f)) => {
+                    frames += 1;
+                    bytes += HEADER_LEN + f.payload.len();
+                    fds += f.fds.len() + f.lost_fds;
                     if let Err(e) = self.on_frame(id, f) {
                         self.protocol_error(id, e);
                         return;
@@ -163,14 +227,28 @@ impl Primary {
             slot.state = State::Online;
             self.events.push_back(Event::Online(id));
         }
-        if f.lost_fds > 0 && f.header.kind != Kind::User {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{:?} frame lost {} fds", f.header.kind, f.lost_fds),
-            ));
+        let kind = f.header.kind;
+        if kind != Kind::User && (f.lost_fds > 0 || !f.fds.is_empty()) {
+            // Its fds close with `f`.
+            return Err(invalid(format!(
+                "{kind:?} frame came with {} fds; only user messages carry fds",
+                f.fds.len() + f.lost_fds
+            )));
         }
-        match f.header.kind {
-            Kind::Online => Ok(()),
+        let bare = || {
+            if f.payload.is_empty() {
+                Ok(())
+            } else {
+                Err(invalid(format!(
+                    "{kind:?} frame has a {}-byte payload; it has none",
+                    f.payload.len()
+                )))
+            }
+        };
+        let hid = f.header.seq;
+        match kind {
+            // A repeat is harmless.
+            Kind::Online => bare(),
             Kind::User => {
                 if f.lost_fds > 0 {
                     self.events.push_back(Event::Error(
@@ -186,46 +264,64 @@ impl Primary {
             }
             Kind::QueryServer => self.on_query(id, f.header.seq, &f.payload),
             Kind::Listening => {
-                let hid = f.header.seq;
+                bare()?;
+                let grant = slot.grants.iter_mut().find(|g| g.hid == hid);
+                match grant {
+                    None => {
+                        return Err(invalid(format!(
+                            "listening on handle {hid}, which it was not given"
+                        )))
+                    }
+                    Some(g) if !g.listening_owed => {
+                        return Err(invalid(format!(
+                            "listening on handle {hid} again, with no query answered since"
+                        )))
+                    }
+                    Some(g) => g.listening_owed = false,
+                }
+                // Closed between our reply and this frame (a disconnect_all
+                // raced the worker's start): stale, fine.
                 let Some(addr) = self.handles.get(&hid).map(|h| h.address.clone()) else {
-                    if hid < self.next_handle {
-                        // Closed between our reply and this frame (a
-                        // disconnect_all raced the worker's start): stale, fine.
-                        return Ok(());
-                    }
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("listening on unknown handle {hid}"),
-                    ));
+                    return Ok(());
                 };
-                if let Some(s) = self.workers.get_mut(&id) {
-                    if s.state == State::Online {
-                        s.state = State::Listening;
-                    }
+                if slot.state == State::Online {
+                    slot.state = State::Listening;
                 }
                 self.events.push_back(Event::Listening(id, addr));
                 Ok(())
             }
-            Kind::ConnReply => self.on_conn_reply(id, f.header.seq, f.header.flags, &f.payload),
-            Kind::Close => {
-                let hid = f.header.seq;
-                if let Some(s) = self.workers.get_mut(&id) {
-                    s.handles.retain(|&h| h != hid);
+            Kind::ConnReply => {
+                if f.header.flags & !REJECTED != 0 {
+                    return Err(invalid(format!(
+                        "connection reply with unknown flags {:#x}",
+                        f.header.flags
+                    )));
                 }
-                self.leave_handle(id, hid);
+                self.on_conn_reply(id, hid, f.header.flags, &f.payload)
+            }
+            Kind::Close => {
+                bare()?;
+                let Some(pos) = slot.grants.iter().position(|g| g.hid == hid) else {
+                    return Err(invalid(format!(
+                        "closing handle {hid}, which it was not given"
+                    )));
+                };
+                slot.grants.remove(pos);
+                // Routed to it still (not unrouted or closed since): leave.
+                if slot.handles.contains(&hid) {
+                    slot.handles.retain(|&h| h != hid);
+                    self.leave_handle(id, hid);
+                }
                 Ok(())
             }
             Kind::ExitedAfterDisconnect => {
-                if let Some(s) = self.workers.get_mut(&id) {
-                    s.exited_after_disconnect = true;
-                }
+                // A repeat (disconnect() called twice) is answered again.
+                bare()?;
+                slot.exited_after_disconnect = true;
                 self.unroute(id);
                 self.send_frame(id, Kind::Ack, 0, f.header.seq, &[], &[])
             }
-            k => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("a worker may not send {k:?} frames"),
-            )),
+            k => Err(invalid(format!("a worker may not send {k:?} frames"))),
         }
     }
 }

@@ -7,16 +7,41 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
 use std::time::Instant;
 
 use super::event_loop::TOKEN_HANDLE;
+use super::policy::ListenRules;
 use super::round_robin::Conn;
-use super::shared::{self, Address};
+use super::shared::{self, Address, Named, UnixFile};
 use super::Primary;
 use crate::ipc::wire::Kind;
-use crate::protocol::{self, Policy, Query};
+use crate::protocol::{self, Endpoint, Policy, Query};
 use crate::sys::{self, epoll};
+
+// errno values a refused query carries to the worker's `listen()`.
+const EACCES: i32 = 13;
+const EMFILE: i32 = 24;
+const ECONNABORTED: i32 = 103;
+
+/// A handle query-server gave a worker, until the worker closes it.
+#[derive(Debug)]
+pub(super) struct Grant {
+    pub hid: u32,
+    /// Answered and not yet reported listening: one `Listening` per answer.
+    pub listening_owed: bool,
+}
+
+/// Why a query gets an error reply instead of a handle. It is not a
+/// protocol error: the worker's `listen()` returns it and the worker goes on.
+fn refused(errno: i32, kind: io::ErrorKind, text: String) -> io::Error {
+    io::Error::new(
+        kind,
+        Named {
+            errno: Some(errno),
+            text,
+        },
+    )
+}
 
 /// One listening socket, shared by every worker whose key matches.
 #[derive(Debug)]
@@ -25,7 +50,10 @@ pub(super) struct Handle {
     pub fd: OwnedFd,
     pub address: Address,
     pub policy: Policy,
-    pub unix_path: Option<PathBuf>,
+    /// The socket file of a Unix handle, held for its `Drop`, which
+    /// removes the file.
+    #[allow(dead_code)]
+    pub unix: Option<UnixFile>,
     /// Workers routed to, in the order they joined.
     pub workers: Vec<u32>,
     pub cursor: usize,
@@ -59,11 +87,116 @@ impl Handle {
 }
 
 impl Primary {
+    // A query-server frame. Only a payload that does not decode, or a
+    // reply that cannot be sent, is the worker's fault (`Err`: protocol
+    // error); every refusal, and every failure of the primary's own
+    // (EMFILE...), is an error reply and the worker goes on.
     pub(super) fn on_query(&mut self, id: u32, seq: u32, payload: &[u8]) -> io::Result<()> {
         let q = Query::decode(payload)?;
+        let (hid, shared_fd, fresh) = match self.serve_query(id, &q) {
+            Ok(v) => v,
+            Err(e) => {
+                let body = protocol::encode_reply_err(shared::errno_of(&e), &e);
+                return self.send_frame(id, Kind::QueryReply, protocol::ERROR, seq, &body, &[]);
+            }
+        };
+        let h = &self.handles[&hid];
+        let body = protocol::encode_reply_ok(hid, h.policy, &h.address.to_string());
+        let fds: Vec<_> = shared_fd.iter().map(|fd| fd.as_fd()).collect();
+        match self.send_frame(id, Kind::QueryReply, 0, seq, &body, &fds) {
+            Ok(()) => {}
+            // No fd left to queue the shared socket with: our problem.
+            Err(e) if shared_fd.is_some() && matches!(e.raw_os_error(), Some(23 | 24 | 12)) => {
+                drop(fds);
+                if fresh {
+                    self.ungrant(id, hid);
+                }
+                let e = shared::named_error(e, &self.handles[&hid].address.to_string());
+                let body = protocol::encode_reply_err(shared::errno_of(&e), &e);
+                return self.send_frame(id, Kind::QueryReply, protocol::ERROR, seq, &body, &[]);
+            }
+            Err(e) => return Err(e),
+        }
+        if self.handles[&hid].policy == Policy::RoundRobin {
+            self.distribute(hid, false);
+        }
+        Ok(())
+    }
+
+    // Finds or binds the handle for `q` and routes worker `id` to it: the
+    // handle, a dup of its socket in shared mode, and whether the worker
+    // did not hold it before. `Err` is the error the worker's `listen()` gets.
+    fn serve_query(&mut self, id: u32, q: &Query) -> io::Result<(u32, Option<OwnedFd>, bool)> {
+        let what = match &q.endpoint {
+            Endpoint::Tcp(Some(ip), port) => std::net::SocketAddr::new(*ip, *port).to_string(),
+            Endpoint::Tcp(None, port) => format!("port {port}"),
+            Endpoint::Unix(p) => p.display().to_string(),
+        };
+        let slot = self.workers.get(&id).ok_or_else(|| Self::gone(id))?;
+        if slot.exited_after_disconnect {
+            return Err(refused(
+                ECONNABORTED,
+                io::ErrorKind::ConnectionAborted,
+                format!("listen on {what}: worker {id} is disconnecting; nothing is bound for it"),
+            ));
+        }
+        let default_rules;
+        let rules = match &self.settings.listen_rules {
+            Some(r) => r,
+            None if slot.unprivileged => {
+                default_rules = ListenRules::unprivileged();
+                &default_rules
+            }
+            None => {
+                default_rules = ListenRules::any();
+                &default_rules
+            }
+        };
+        let denied = || {
+            refused(
+                EACCES,
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "listen on {what}: permission denied: workers may not listen there \
+                     (Settings::listen_rules)"
+                ),
+            )
+        };
+        let dir = match &q.endpoint {
+            Endpoint::Tcp(host, port) => {
+                if !rules.allows_tcp(*host, *port) {
+                    return Err(denied());
+                }
+                None
+            }
+            Endpoint::Unix(path) => {
+                let (parent, _) =
+                    shared::split_unix_path(path).map_err(|e| shared::named_error(e, &what))?;
+                match rules
+                    .open_unix_dir(&parent)
+                    .map_err(|e| shared::named_error(e, &what))?
+                {
+                    Some(dir) => Some(dir),
+                    None => return Err(denied()),
+                }
+            }
+        };
         let key = format!("{}:{}", q.endpoint.key(), q.index);
-        let hid = match self.keys.get(&key) {
-            Some(&hid) => hid,
+        let existing = self.keys.get(&key).copied();
+        let held = existing.filter(|hid| slot.grants.iter().any(|g| g.hid == *hid));
+        let cap = self.settings.max_worker_handles;
+        if held.is_none() && slot.grants.len() >= cap {
+            return Err(refused(
+                EMFILE,
+                io::ErrorKind::Other,
+                format!(
+                    "listen on {what}: worker {id} already holds {cap} listening handles \
+                     (Settings::max_worker_handles)"
+                ),
+            ));
+        }
+        let hid = match existing {
+            Some(hid) => hid,
             None => {
                 let backlog = if q.backlog == 0 {
                     self.settings.backlog
@@ -71,21 +204,23 @@ impl Primary {
                     q.backlog
                 };
                 let backlog = backlog.min(i32::MAX as u32) as i32;
-                match shared::bind(&q.endpoint, backlog) {
-                    Ok((fd, address)) => self.add_handle(key, fd, address)?,
-                    Err(e) => {
-                        let body = protocol::encode_reply_err(shared::errno_of(&e), &e);
-                        return self.send_frame(
-                            id,
-                            Kind::QueryReply,
-                            protocol::ERROR,
-                            seq,
-                            &body,
-                            &[],
-                        );
+                let (fd, address, unix) = shared::bind(&q.endpoint, dir, backlog)?;
+                self.add_handle(key, fd, address, unix)
+                    .map_err(|e| shared::named_error(e, &what))?
+            }
+        };
+        let shared_fd = if self.handles[&hid].policy == Policy::Shared {
+            match sys::fd::dup(self.handles[&hid].fd.as_fd()) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    if existing.is_none() {
+                        self.close_handle(hid);
                     }
+                    return Err(shared::named_error(e, &what));
                 }
             }
+        } else {
+            None
         };
         let h = self
             .handles
@@ -93,24 +228,33 @@ impl Primary {
             .expect("handle just found or made");
         h.add_worker(id);
         h.orphaned_until = None;
-        let body = protocol::encode_reply_ok(hid, h.policy, &h.address.to_string());
-        let policy = h.policy;
+        let slot = self.workers.get_mut(&id).expect("checked above");
+        if !slot.handles.contains(&hid) {
+            slot.handles.push(hid);
+        }
+        let fresh = match slot.grants.iter_mut().find(|g| g.hid == hid) {
+            Some(g) => {
+                g.listening_owed = true;
+                false
+            }
+            None => {
+                slot.grants.push(Grant {
+                    hid,
+                    listening_owed: true,
+                });
+                true
+            }
+        };
+        Ok((hid, shared_fd, fresh))
+    }
+
+    // Undoes what `serve_query` did for a reply that could not be sent.
+    fn ungrant(&mut self, id: u32, hid: u32) {
         if let Some(s) = self.workers.get_mut(&id) {
-            if !s.handles.contains(&hid) {
-                s.handles.push(hid);
-            }
+            s.grants.retain(|g| g.hid != hid);
+            s.handles.retain(|&h| h != hid);
         }
-        match policy {
-            Policy::Shared => {
-                let dup = sys::fd::dup(self.handles[&hid].fd.as_fd())?;
-                self.send_frame(id, Kind::QueryReply, 0, seq, &body, &[dup.as_fd()])
-            }
-            Policy::RoundRobin => {
-                self.send_frame(id, Kind::QueryReply, 0, seq, &body, &[])?;
-                self.distribute(hid, false);
-                Ok(())
-            }
-        }
+        self.leave_handle(id, hid);
     }
 
     pub(super) fn add_handle(
@@ -118,6 +262,7 @@ impl Primary {
         key: String,
         fd: OwnedFd,
         address: Address,
+        unix: Option<UnixFile>,
     ) -> io::Result<u32> {
         let hid = self.next_handle;
         let policy = self.settings.policy;
@@ -127,10 +272,6 @@ impl Primary {
                 .add(fd.as_fd(), epoll::READABLE, TOKEN_HANDLE | hid as u64)?;
         }
         self.next_handle += 1;
-        let unix_path = match &address {
-            Address::Unix(p) => Some(p.clone()),
-            Address::Tcp(_) => None,
-        };
         self.keys.insert(key.clone(), hid);
         self.handles.insert(
             hid,
@@ -139,7 +280,7 @@ impl Primary {
                 fd,
                 address,
                 policy,
-                unix_path,
+                unix,
                 workers: Vec::new(),
                 cursor: 0,
                 queue: VecDeque::new(),
@@ -175,7 +316,17 @@ impl Primary {
         h.remove_worker(id);
         if !h.workers.is_empty() {
             self.distribute(hid, false);
-        } else if linger.is_zero() {
+            return;
+        }
+        // Bounded: a worker that crashes again and again holding many
+        // handles does not make the primary keep them all.
+        let orphans = self
+            .handles
+            .values()
+            .filter(|h| h.orphaned_until.is_some())
+            .count();
+        let h = self.handles.get_mut(&hid).expect("found above");
+        if linger.is_zero() || orphans >= self.settings.max_worker_handles {
             self.close_handle(hid);
         } else {
             h.orphaned_until = Some(Instant::now() + linger);
@@ -196,10 +347,8 @@ impl Primary {
                 s.handles.retain(|&x| x != hid);
             }
         }
-        if let Some(p) = &h.unix_path {
-            let _ = std::fs::remove_file(p);
-        }
-        // Queued connections close with `h` (Node closes them too).
+        // Its Unix socket file, if still ours, and its queued connections
+        // (Node closes them too) go with `h`.
     }
 
     pub(super) fn set_polling(&mut self, hid: u32, on: bool) {

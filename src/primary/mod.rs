@@ -14,14 +14,77 @@
 //! | `workers.rs` | the worker table and its states: fork, send, kill, disconnect, reap |
 //! | `handles.rs` | query-server and the listening handles |
 //! | `round_robin.rs` | accepting and handing connections to workers in turn |
-//! | `shared.rs` | binding a handle's socket (both policies) |
+//! | `shared.rs` | binding a handle's socket (both policies), removing its Unix file |
+//! | `policy.rs` | where workers may listen ([`ListenRules`]) |
 //! | `timers.rs` | deadlines: kills, pauses, orphans, hangs, stalls |
 //! | `event_loop.rs` | `next_event`: epoll, signals, frames from workers |
+//!
+//! # Trust
+//!
+//! Every frame a worker sends is hostile input, and the primary is a
+//! privilege boundary when workers run under another uid:
+//!
+//! - **Where workers listen.** [`Settings::listen_rules`] decides; by
+//!   default anything (as Node) unless [`Settings::uid`] or
+//!   [`Settings::gid`] is set, then [`ListenRules::unprivileged`]: no port
+//!   below 1024, no Unix path outside listed directories. A denied request
+//!   fails the worker's `listen()` with `PermissionDenied` naming the
+//!   address; the worker is not killed.
+//! - **Unix socket files** are removed through the directory fd kept since
+//!   bind, and only while the entry is still the socket bound (same device
+//!   and inode): never a file a worker swapped in, never through a symlink
+//!   it planted. They are removed when the handle closes and when the
+//!   `Primary` is dropped.
+//! - **Bounded.** One worker holds at most [`Settings::max_worker_handles`]
+//!   listening handles (created or joined); past that its `listen()` fails
+//!   with `EMFILE` naming the cap. That is not counted as misbehaviour: an
+//!   honest program may listen on many ports, and the cap alone bounds
+//!   what it costs. Queries are answered at once, so none waits in the
+//!   primary; the answers queue in the channel, under its caps. Each turn
+//!   reads at most 64 frames, 256 KiB or 256 fds from one worker, so one
+//!   worker cannot hold the loop while signals, accepts and the others
+//!   wait; the rest is read on the next turn. A turn runs only once every
+//!   event was handed out, so the event queue grows by at most that per
+//!   worker while the program is busy. At most `max_worker_handles`
+//!   sockets of crashed workers are kept for their replacements.
+//! - **Resources the primary lacks** (`EMFILE` while binding or passing a
+//!   shared socket) are the primary's problem: the worker gets the error
+//!   from `listen()` and is not killed.
+//! - **Claims a worker may not make** are protocol errors: [`Event::Error`]
+//!   names it and the worker is killed; the others go on. A worker may not
+//!   close a handle it was never given, report listening on a handle it
+//!   did not query (or twice for one answer), reply for connections it was
+//!   not handed, attach fds or a payload to a control frame that has none,
+//!   or send `QueryReply`, `NewConn`, `Disconnect` or `Ack`. Harmless
+//!   repeats are allowed: a second `Online`, a repeated
+//!   `ExitedAfterDisconnect` (answered again), a query for a handle it
+//!   already holds (answered again, nothing new bound).
+//! - **A disconnecting worker** (the program called
+//!   [`Primary::disconnect`], or the worker said it leaves) gets its
+//!   queries refused with `ECONNABORTED`, nothing bound: Node ignores
+//!   them, which leaves the worker's `listen()` waiting forever, and its
+//!   request may have crossed the disconnect on the wire, so it is not a
+//!   protocol error.
+//!
+//! # Exits
+//!
+//! Each worker has a pidfd (`pidfd_open(2)`, Linux 5.3) in the epoll set:
+//! its exit is seen even when another thread of the program takes
+//! `SIGCHLD` (a thread started before [`Primary::new`] has the signals
+//! unblocked). Where `pidfd_open` is missing (`ENOSYS`), or fails, the
+//! signalfd's `SIGCHLD` is the way, as before; it stays on in any case.
+//! Workers are reaped by pid, so a child the program started itself keeps
+//! its exit status for its own `wait` -- except when the primary is PID 1
+//! (a container without an init): then nobody else would reap orphans, so
+//! on each `SIGCHLD` and worker exit it also reaps every other child, the
+//! program's own included (a program that is PID 1 and waits for its own
+//! children should run under an init such as `tini` or `docker --init`).
 
 #![forbid(unsafe_code)]
 
 mod event_loop;
 mod handles;
+mod policy;
 mod round_robin;
 mod shared;
 mod timers;
@@ -37,6 +100,7 @@ use std::time::Duration;
 
 use self::event_loop::{TOKEN_SIGNAL, TOKEN_USER};
 use self::handles::Handle;
+pub use self::policy::{ListenRules, TcpRule};
 use self::round_robin::Conn;
 pub use self::shared::Address;
 use self::workers::Slot;
@@ -107,6 +171,13 @@ pub struct Settings {
     /// connections) so that a replacement listens on the same port and no
     /// client is refused. A deliberate disconnect closes it at once.
     pub orphan_linger: Duration,
+    /// Where workers may listen. `None`: anywhere, as Node, unless `uid` or
+    /// `gid` is set, then [`ListenRules::unprivileged`] (decided per worker
+    /// when it is forked).
+    pub listen_rules: Option<ListenRules>,
+    /// Listening handles one worker may hold at once, created or joined
+    /// (64); past it, its `listen()` fails with `EMFILE`.
+    pub max_worker_handles: usize,
 }
 
 impl Default for Settings {
@@ -126,6 +197,8 @@ impl Default for Settings {
             window: 4,
             max_payload: wire::DEFAULT_MAX_PAYLOAD,
             orphan_linger: Duration::from_secs(30),
+            listen_rules: None,
+            max_worker_handles: 64,
         }
     }
 }
@@ -186,6 +259,12 @@ pub struct Primary {
     next_conn: u32,
     events: VecDeque<Event>,
     hang_timeout: Option<Duration>,
+    /// Workers whose read budget ran out last turn: read them next turn.
+    read_again: Vec<u32>,
+    /// The signal mask `new` found, put back on drop.
+    old_mask: signal::SigMask,
+    /// PID 1 reaps every child, not only its workers.
+    init: bool,
     // Scratch buffers reused on the hot path.
     ids_buf: Vec<u8>,
     batch: Vec<(u32, Vec<Conn>)>,
@@ -194,12 +273,23 @@ pub struct Primary {
 impl Primary {
     /// Creates the primary: blocks [`SIGNALS`] in this thread and reads them
     /// from a signalfd. Create it before starting any thread, so that no
-    /// other thread takes those signals.
+    /// other thread takes those signals (worker exits are seen through
+    /// pidfds anyway; see the module docs). Dropping the `Primary` puts the
+    /// signal mask back.
     pub fn new(settings: Settings) -> io::Result<Primary> {
-        signal::block(&SIGNALS)?;
-        let sigfd = signal::signalfd(&SIGNALS)?;
-        let epoll = epoll::Epoll::new()?;
-        epoll.add(sigfd.as_fd(), epoll::READABLE, TOKEN_SIGNAL)?;
+        let old_mask = signal::block(&SIGNALS)?;
+        let made = signal::signalfd(&SIGNALS).and_then(|sigfd| {
+            let epoll = epoll::Epoll::new()?;
+            epoll.add(sigfd.as_fd(), epoll::READABLE, TOKEN_SIGNAL)?;
+            Ok((sigfd, epoll))
+        });
+        let (sigfd, epoll) = match made {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = signal::set_mask(&old_mask);
+                return Err(e);
+            }
+        };
         Ok(Primary {
             settings,
             epoll,
@@ -214,6 +304,9 @@ impl Primary {
             next_conn: 1,
             events: VecDeque::new(),
             hang_timeout: None,
+            read_again: Vec::new(),
+            old_mask,
+            init: crate::sys::process::getpid() == 1,
             ids_buf: Vec::with_capacity(4 * 64),
             batch: Vec::new(),
         })
@@ -295,6 +388,19 @@ impl Primary {
     }
 }
 
+impl Drop for Primary {
+    /// Removes the Unix socket files of the open handles (only those still
+    /// the sockets bound) and puts back the signal mask [`Primary::new`]
+    /// found, in the calling thread. A signal that arrived since the last
+    /// turn and was not read is then delivered with its own disposition,
+    /// as if the primary had never blocked it. Workers are not touched: they
+    /// see their channel close and leave.
+    fn drop(&mut self) {
+        self.handles.clear();
+        let _ = signal::set_mask(&self.old_mask);
+    }
+}
+
 /// Reads `SYNCLUSTER_SCHED_POLICY`: unset gives `None`; `rr` or `none`
 /// give the policy; anything else is an `InvalidInput` error naming it.
 pub fn policy_from_env() -> io::Result<Option<Policy>> {
@@ -333,5 +439,33 @@ pub fn window_from_env() -> io::Result<Option<usize>> {
                     format!("{ENV_RR_WINDOW}={v:?}: expected 1 to {}", wire::MAX_FDS),
                 )
             }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // This thread's blocked signals, from /proc.
+    fn blocked() -> u64 {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let hex = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .unwrap()
+            .trim();
+        u64::from_str_radix(hex, 16).unwrap()
+    }
+
+    #[test]
+    fn dropping_the_primary_puts_the_signal_mask_back() {
+        let before = blocked();
+        let p = Primary::new(Settings::default()).unwrap();
+        let during = blocked();
+        for sig in SIGNALS {
+            assert_ne!(during & (1 << (sig - 1)), 0, "signal {sig} not blocked");
+        }
+        drop(p);
+        assert_eq!(blocked(), before);
     }
 }

@@ -11,14 +11,15 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::event_loop::TOKEN_WORKER;
+use super::event_loop::{Budget, TOKEN_PIDFD, TOKEN_WORKER};
+use super::handles::Grant;
 use super::round_robin::Conn;
 use super::{Event, Primary, Stdio};
 use crate::env::{ENV_CHANNEL_FD, ENV_WORKER_ID, ENV_WORKER_PID};
 use crate::ipc::channel::Channel;
 use crate::ipc::wire::Kind;
 use crate::protocol::Policy;
-use crate::sys::{self, epoll, process, signal};
+use crate::sys::{self, epoll, pidfd, process, signal};
 
 /// The fd number the channel has in every worker.
 const CHANNEL_FD: i32 = 3;
@@ -95,6 +96,13 @@ pub(super) struct Slot {
     pub(super) progress: Instant,
     pub(super) stdout: Option<OwnedFd>,
     pub(super) stderr: Option<OwnedFd>,
+    /// Handles query-server gave it and it has not closed (the primary may
+    /// have stopped routing some of them to it).
+    pub(super) grants: Vec<Grant>,
+    /// Readable once it exited; `None` where `pidfd_open` is missing.
+    pub(super) pidfd: Option<OwnedFd>,
+    /// Forked with `uid` or `gid` set: unprivileged listen rules by default.
+    pub(super) unprivileged: bool,
 }
 
 impl Primary {
@@ -191,6 +199,8 @@ impl Primary {
             let _ = process::wait_pid(pid);
             return Err(e);
         }
+        let unprivileged = self.settings.uid.is_some() || self.settings.gid.is_some();
+        let pidfd = self.watch_exit(pid, id);
         self.next_id += 1;
         self.pids.insert(pid, id);
         self.workers.insert(
@@ -208,6 +218,9 @@ impl Primary {
                 progress: Instant::now(),
                 stdout,
                 stderr,
+                grants: Vec::new(),
+                pidfd,
+                unprivileged,
             },
         );
         self.events.push_back(Event::Fork(id));
@@ -306,36 +319,89 @@ impl Primary {
         }
     }
 
+    // A pidfd in the epoll set tells of the exit even when SIGCHLD goes to
+    // another thread. None without pidfd_open: SIGCHLD alone then.
+    fn watch_exit(&self, pid: i32, id: u32) -> Option<OwnedFd> {
+        let fd = pidfd::pidfd_open(pid).ok()?;
+        self.epoll
+            .add(fd.as_fd(), epoll::READABLE, TOKEN_PIDFD | id as u64)
+            .ok()?;
+        Some(fd)
+    }
+
+    // Stops watching a worker's pidfd (it exited, or it cannot be trusted
+    // to stop being readable) and closes it.
+    fn unwatch_exit(&mut self, id: u32) {
+        if let Some(fd) = self.workers.get_mut(&id).and_then(|s| s.pidfd.take()) {
+            let _ = self.epoll.delete(fd.as_fd());
+        }
+    }
+
     // Reaps only our workers, by pid: a child the program started itself
-    // keeps its exit status for its own `wait`.
+    // keeps its exit status for its own `wait`. As PID 1, every child.
     pub(super) fn reap(&mut self) {
         let pids: Vec<i32> = self.pids.keys().copied().collect();
         for pid in pids {
-            let status = match process::wait_pid_nohang(pid) {
-                Ok(Some(status)) => status,
-                Ok(None) => continue,
-                Err(_) => continue,
-            };
-            let Some(id) = self.pids.remove(&pid) else {
-                continue;
-            };
-            let status = match status {
-                process::ExitStatus::Code(c) => ExitStatus::Code(c),
-                process::ExitStatus::Signal(s) => ExitStatus::Signal(s),
-            };
-            if let Some(s) = self.workers.get_mut(&id) {
-                s.exit = Some(status);
+            if let Ok(Some(status)) = process::wait_pid_nohang(pid) {
+                self.on_exit(pid, status);
             }
-            // Frames it wrote before dying are still readable: deliver them,
-            // then Disconnect, then Exit.
-            self.read_worker(id);
-            self.close_channel(id);
-            // The slot stays (state Dead) until this Exit is handed out.
-            if let Some(s) = self.workers.get_mut(&id) {
-                s.state = State::Dead;
-                self.events
-                    .push_back(Event::Exit(id, status, s.exited_after_disconnect));
+        }
+        self.reap_orphans();
+    }
+
+    // The worker's pidfd is readable: it exited.
+    pub(super) fn reap_worker(&mut self, id: u32) {
+        let Some(pid) = self.workers.get(&id).map(|s| s.pid) else {
+            return;
+        };
+        if !self.pids.contains_key(&pid) {
+            self.unwatch_exit(id);
+            return;
+        }
+        match process::wait_pid_nohang(pid) {
+            Ok(Some(status)) => self.on_exit(pid, status),
+            // Not reapable although readable (an old kernel reports the
+            // leader thread's exit), or reaped by someone else: SIGCHLD
+            // alone from now on, rather than a pidfd readable forever.
+            Ok(None) | Err(_) => self.unwatch_exit(id),
+        }
+        self.reap_orphans();
+    }
+
+    // As PID 1 nobody else reaps what is reparented to us.
+    fn reap_orphans(&mut self) {
+        if !self.init {
+            return;
+        }
+        while let Ok(Some((pid, status))) = process::wait_any_nohang() {
+            if self.pids.contains_key(&pid) {
+                self.on_exit(pid, status);
             }
+        }
+    }
+
+    fn on_exit(&mut self, pid: i32, status: process::ExitStatus) {
+        let Some(id) = self.pids.remove(&pid) else {
+            return;
+        };
+        let status = match status {
+            process::ExitStatus::Code(c) => ExitStatus::Code(c),
+            process::ExitStatus::Signal(s) => ExitStatus::Signal(s),
+        };
+        self.unwatch_exit(id);
+        if let Some(s) = self.workers.get_mut(&id) {
+            s.exit = Some(status);
+        }
+        // Frames it wrote before dying are still readable: deliver them,
+        // then Disconnect, then Exit. Bounded: a child it left behind may
+        // hold the channel and keep writing.
+        self.read_worker(id, Budget::AT_EXIT);
+        self.close_channel(id);
+        // The slot stays (state Dead) until this Exit is handed out.
+        if let Some(s) = self.workers.get_mut(&id) {
+            s.state = State::Dead;
+            self.events
+                .push_back(Event::Exit(id, status, s.exited_after_disconnect));
         }
     }
 

@@ -8,9 +8,11 @@ use std::io;
 
 pub mod epoll;
 pub mod fd;
+pub mod fs;
 pub mod inherit;
 pub mod limits;
 pub mod msg;
+pub mod pidfd;
 pub mod poll;
 pub mod process;
 pub mod signal;

@@ -42,12 +42,42 @@ fn sigset(sigs: &[i32]) -> io::Result<libc::sigset_t> {
     Ok(set)
 }
 
+/// A thread's signal mask, as [`block`] found it; give it back to
+/// [`set_mask`] to undo the block.
+#[derive(Clone, Copy)]
+pub struct SigMask(libc::sigset_t);
+
+impl std::fmt::Debug for SigMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let blocked: Vec<i32> = (1..=64)
+            // SAFETY: self.0 is an initialised sigset_t; a bad number gives -1.
+            .filter(|&s| unsafe { libc::sigismember(&self.0, s) } == 1)
+            .collect();
+        f.debug_tuple("SigMask").field(&blocked).finish()
+    }
+}
+
 /// `pthread_sigmask(SIG_BLOCK)` of `sigs` in the calling thread, so they
-/// queue for a signalfd instead of running their default action.
-pub fn block(sigs: &[i32]) -> io::Result<()> {
+/// queue for a signalfd instead of running their default action. Returns
+/// the mask the thread had before.
+pub fn block(sigs: &[i32]) -> io::Result<SigMask> {
     let set = sigset(sigs)?;
-    // SAFETY: set is initialised; the old mask is not wanted.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    // SAFETY: sigset_t is plain old data; pthread_sigmask fills it.
+    let mut old: libc::sigset_t = unsafe { mem::zeroed() };
+    // SAFETY: set is initialised and old writable.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(SigMask(old))
+}
+
+/// `pthread_sigmask(SIG_SETMASK, mask)`: puts back a mask [`block`]
+/// returned, in the calling thread. A signal that was blocked and is
+/// pending is delivered then, with its own disposition.
+pub fn set_mask(mask: &SigMask) -> io::Result<()> {
+    // SAFETY: mask.0 is an initialised sigset_t; the old mask is not wanted.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &mask.0, std::ptr::null_mut()) };
     if rc != 0 {
         return Err(io::Error::from_raw_os_error(rc));
     }
