@@ -138,11 +138,10 @@ use std::time::Duration;
 use syncluster::ipc::wire::{Header, Kind};
 use syncluster::primary::{Event, ExitStatus, ListenRules, State, TcpRule, ENV_CHANNEL_FD};
 use syncluster::worker::{Event as WorkerEvent, Interest, Listener};
-use syncluster::{sys, Policy, Primary, Role, Worker};
+use syncluster::{sys, Policy, Primary, Role, Signal, Worker};
 
 /// The token stdin is registered with in the primary's loop.
 const STDIN: u64 = 0;
-const SIGKILL: i32 = 9;
 const RAW_MODES: [&str; 4] = ["garbage", "oversize", "badfds", "badkind"];
 
 fn main() {
@@ -200,7 +199,7 @@ fn run_primary(mut primary: Primary) -> io::Result<()> {
     let mut extra = Extra::default();
     loop {
         let ready = match primary.next_event_timeout(Some(Duration::from_millis(100)))? {
-            Some(Event::Ready(STDIN, _)) => true,
+            Some(Event::Ready { token: STDIN, .. }) => true,
             Some(ev) => {
                 say(&event_line(ev));
                 false
@@ -262,7 +261,7 @@ fn read_commands(
 /// stdin closed: SIGKILL every worker and reap them (5 s at most), exit 0.
 fn shutdown(mut primary: Primary) -> io::Result<()> {
     for w in primary.workers() {
-        let _ = primary.kill(w.id, SIGKILL);
+        let _ = primary.kill(w.id, Signal::KILL);
     }
     // Until every Exit is printed: `None` comes once no worker is left and
     // no event is queued.
@@ -283,19 +282,28 @@ fn event_line(ev: Event) -> String {
     match ev {
         Event::Fork(id) => format!("fork {id}"),
         Event::Online(id) => format!("online {id}"),
-        Event::Listening(id, addr) => format!("listening {id} {addr}"),
-        Event::Message(id, bytes, fds) => format!(
+        Event::Listening { id, address } => format!("listening {id} {address}"),
+        Event::Message { id, bytes, fds } => format!(
             "message {id} {} fds={}",
             String::from_utf8_lossy(&bytes).replace('\n', "\\n"),
             fds.len()
         ),
         Event::Disconnect(id) => format!("disconnect {id}"),
-        Event::Exit(id, ExitStatus::Code(c), ead) => format!("exit {id} code={c} ead={ead}"),
-        Event::Exit(id, ExitStatus::Signal(s), ead) => format!("exit {id} signal={s} ead={ead}"),
-        Event::Signal(sig) => format!("signal {sig}"),
-        Event::Error(id, e) => format!("error {id} {e}"),
+        Event::Exit {
+            id,
+            status: ExitStatus::Code(c),
+            exited_after_disconnect: ead,
+        } => format!("exit {id} code={c} ead={ead}"),
+        Event::Exit {
+            id,
+            status: ExitStatus::Signal(s),
+            exited_after_disconnect: ead,
+        } => format!("exit {id} signal={} ead={ead}", s.as_raw()),
+        Event::Signal(sig) => format!("signal {}", sig.as_raw()),
+        Event::Error { id, error } => format!("error {id} {error}"),
         Event::Hung(id) => format!("hung {id}"),
-        Event::Ready(token, r) => format!("ready {token} {r:?}"),
+        Event::Ready { token, readiness } => format!("ready {token} {readiness:?}"),
+        ev => format!("event {ev:?}"),
     }
 }
 
@@ -347,7 +355,8 @@ fn command(p: &mut Primary, extra: &mut Extra, line: &str) -> Result<Option<Stri
         }
         "kill" => {
             let id = num(words.next(), "id")?;
-            let sig = num(words.next(), "signum")?;
+            let sig: i32 = num(words.next(), "signum")?;
+            let sig = Signal::from_raw(sig).map_err(err)?;
             p.kill(id, sig).map_err(err).map(|()| None)
         }
         "disconnect" => {

@@ -268,9 +268,15 @@ impl Cluster {
 
     fn on_notice(&mut self, notice: Notice) -> io::Result<()> {
         match notice {
-            Notice::Cluster(PrimaryEvent::Listening(id, addr)) => self.on_listening(id, &addr),
-            Notice::Cluster(PrimaryEvent::Message(id, bytes, _fds)) => self.on_message(id, &bytes),
-            Notice::Cluster(PrimaryEvent::Exit(id, status, after_disconnect)) => {
+            Notice::Cluster(PrimaryEvent::Listening { id, address }) => {
+                self.on_listening(id, &address)
+            }
+            Notice::Cluster(PrimaryEvent::Message { id, bytes, .. }) => self.on_message(id, &bytes),
+            Notice::Cluster(PrimaryEvent::Exit {
+                id,
+                status,
+                exited_after_disconnect: after_disconnect,
+            }) => {
                 self.listening.remove(&id);
                 if status == ExitStatus::Code(EXIT_LISTEN_FAILED as i32) {
                     eprintln!("worker {id} could not listen; stopping");
@@ -281,7 +287,7 @@ impl Cluster {
                     eprintln!("worker {id} died ({status})");
                 }
             }
-            Notice::Cluster(PrimaryEvent::Error(id, e)) => eprintln!("worker {id}: {e}"),
+            Notice::Cluster(PrimaryEvent::Error { id, error }) => eprintln!("worker {id}: {error}"),
             Notice::Cluster(PrimaryEvent::Hung(id)) => eprintln!("worker {id} hung; killed"),
             Notice::Cluster(_) | Notice::Ready => {}
             // The supervisor announced the respawn before we chose to stop.

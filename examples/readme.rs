@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::time::Duration;
-use syncluster::{primary::Event, signal, Role};
+use syncluster::{primary::Event, Role, Signal};
 
 fn main() -> std::io::Result<()> {
     // Workers get the primary's arguments: they listen where it was told.
@@ -17,13 +17,15 @@ fn main() -> std::io::Result<()> {
             // `None` once every worker has exited.
             while let Some(ev) = primary.next_event()? {
                 match ev {
-                    Event::Listening(id, addr) => eprintln!("worker {id} listens on {addr}"),
+                    Event::Listening { id, address } => {
+                        eprintln!("worker {id} listens on {address}")
+                    }
                     // The primary turns these into events instead of dying:
                     // stop accepting, let the workers finish, then exit.
-                    Event::Signal(signal::SIGTERM | signal::SIGINT) => {
+                    Event::Signal(Signal::TERM | Signal::INT) => {
                         primary.disconnect_all(Some(Duration::from_secs(10)))?;
                     }
-                    Event::Exit(id, status, _) => eprintln!("worker {id} ended: {status}"),
+                    Event::Exit { id, status, .. } => eprintln!("worker {id} ended: {status}"),
                     _ => {}
                 }
             }

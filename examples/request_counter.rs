@@ -28,8 +28,7 @@ use std::time::{Duration, Instant};
 
 use http::Server;
 use syncluster::primary::{Event, ExitStatus};
-use syncluster::signal::{SIGINT, SIGKILL, SIGQUIT, SIGTERM};
-use syncluster::{Primary, Role, Worker};
+use syncluster::{Primary, Role, Signal, Worker};
 
 const USAGE: &str = "\
 usage: request_counter [--workers N] [--port P]
@@ -153,36 +152,40 @@ fn run_primary(mut primary: Primary, opts: &Options) -> io::Result<ExitCode> {
             continue; // time to tick
         };
         match event {
-            Event::Message(_, bytes, _) if bytes == NOTIFY => num_reqs += 1,
-            Event::Listening(id, addr) => {
+            Event::Message { bytes, .. } if bytes == NOTIFY => num_reqs += 1,
+            Event::Listening { id, address } => {
                 // Said once: nothing replaces a worker here, so the set
                 // reaches N only once.
                 let first = listening.insert(id);
                 if first && listening.len() == opts.workers {
                     say(&format!(
-                        "listening on http://{addr} ({} workers)",
+                        "listening on http://{address} ({} workers)",
                         opts.workers
                     ));
                 }
             }
-            Event::Signal(SIGTERM | SIGINT) if !stopping => {
+            Event::Signal(Signal::TERM | Signal::INT) if !stopping => {
                 stopping = true;
                 eprintln!("stopping gracefully");
                 primary.disconnect_all(Some(GRACEFUL_TIMEOUT))?;
             }
-            Event::Signal(SIGQUIT) => {
+            Event::Signal(Signal::QUIT) => {
                 stopping = true;
                 eprintln!("stopping now");
                 for w in primary.workers() {
-                    let _ = primary.kill(w.id, SIGKILL);
+                    let _ = primary.kill(w.id, Signal::KILL);
                 }
             }
-            Event::Exit(id, status, after_disconnect) => {
+            Event::Exit {
+                id,
+                status,
+                exited_after_disconnect: after_disconnect,
+            } => {
                 if status == ExitStatus::Code(EXIT_LISTEN_FAILED.into()) && !stopping {
                     eprintln!("worker {id} could not listen; stopping");
                     (stopping, failed) = (true, true);
                     primary.disconnect_all(Some(GRACEFUL_TIMEOUT))?;
-                } else if status == ExitStatus::Signal(SIGKILL) && after_disconnect {
+                } else if status == ExitStatus::Signal(Signal::KILL) && after_disconnect {
                     eprintln!("worker {id} killed: still busy after the graceful timeout");
                 } else if !after_disconnect {
                     eprintln!("worker {id} died ({status})");
@@ -192,7 +195,7 @@ fn run_primary(mut primary: Primary, opts: &Options) -> io::Result<ExitCode> {
                     break;
                 }
             }
-            Event::Error(id, e) => eprintln!("worker {id}: {e}"),
+            Event::Error { id, error } => eprintln!("worker {id}: {error}"),
             // Other signals (HUP, TTIN, ...) and events: nothing to do.
             _ => {}
         }

@@ -18,7 +18,7 @@
 //!                 primary.fork()?;
 //!             }
 //!             while let Some(ev) = primary.next_event()? {
-//!                 if let primary::Event::Exit(id, status, _) = ev {
+//!                 if let primary::Event::Exit { id, status, .. } = ev {
 //!                     eprintln!("worker {id} ended: {status}");
 //!                 }
 //!             }

@@ -59,6 +59,11 @@ impl Signal {
         }
     }
 
+    /// A number the kernel reported (`waitpid`, signalfd): valid by origin.
+    pub(crate) fn from_kernel(n: i32) -> Signal {
+        Signal(n)
+    }
+
     /// The raw number, for `kill(2)` and C.
     pub fn as_raw(self) -> i32 {
         self.0

@@ -32,7 +32,8 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use crate::primary::{Event, ExitStatus, Primary, State, Stdio};
-use crate::sys::{limits, signal};
+use crate::signal::Signal;
+use crate::sys::limits;
 
 /// The most workers a [`Supervisor`] runs, whatever the limits allow: far
 /// more than any machine has cores.
@@ -202,7 +203,7 @@ impl Supervisor {
     // SIGKILL every worker and wait (bounded) until they are reaped.
     fn kill_and_reap(&mut self) {
         for w in self.primary.workers() {
-            let _ = self.primary.kill(w.id, signal::SIGKILL);
+            let _ = self.primary.kill(w.id, Signal::KILL);
         }
         let until = Instant::now() + Duration::from_secs(5);
         while !self.primary.workers().is_empty() {
@@ -258,7 +259,7 @@ impl Supervisor {
         self.reload = None;
         self.out.push_back(Notice::Stopping { graceful: false });
         for w in self.primary.workers() {
-            let _ = self.primary.kill(w.id, signal::SIGKILL);
+            let _ = self.primary.kill(w.id, Signal::KILL);
         }
     }
 
@@ -320,7 +321,7 @@ impl Supervisor {
         }) = self.reload.take()
         {
             if self.primary.pid(new).is_some() {
-                let _ = self.primary.kill(new, signal::SIGKILL);
+                let _ = self.primary.kill(new, Signal::KILL);
             }
         }
         self.out.push_back(Notice::ReloadFailed(why));
@@ -462,7 +463,8 @@ impl Supervisor {
                     let factor = 1u32 << (self.failures - 1).min(20);
                     let delay = (self.config.backoff_initial * factor).min(self.config.backoff_max);
                     self.respawn_at.push(now + delay);
-                    self.out.push_back(Notice::Cluster(Event::Error(0, e)));
+                    self.out
+                        .push_back(Notice::Cluster(Event::Error { id: 0, error: e }));
                 }
             }
         }
@@ -480,7 +482,7 @@ impl Supervisor {
                 let left: Vec<u32> = self.primary.workers().iter().map(|w| w.id).collect();
                 if !left.is_empty() {
                     for &id in &left {
-                        let _ = self.primary.kill(id, signal::SIGKILL);
+                        let _ = self.primary.kill(id, Signal::KILL);
                     }
                     self.out.push_back(Notice::ForceKilled(left));
                 }
@@ -528,21 +530,25 @@ impl Supervisor {
                 _ => None,
             };
             let listening = match &ev {
-                Event::Listening(id, _) => Some(*id),
+                Event::Listening { id, .. } => Some(*id),
                 _ => None,
             };
             let exit = match &ev {
-                Event::Exit(id, status, ead) => Some((*id, *status, *ead)),
+                Event::Exit {
+                    id,
+                    status,
+                    exited_after_disconnect,
+                } => Some((*id, *status, *exited_after_disconnect)),
                 _ => None,
             };
             let online = matches!(ev, Event::Online(_));
             self.out.push_back(Notice::Cluster(ev));
             match action {
-                Some(s) if s == signal::SIGTERM || s == signal::SIGINT => self.stop()?,
-                Some(s) if s == signal::SIGQUIT => self.stop_now(),
-                Some(s) if s == signal::SIGHUP => self.reload(),
-                Some(s) if s == signal::SIGTTIN => self.scale(true)?,
-                Some(s) if s == signal::SIGTTOU => self.scale(false)?,
+                Some(Signal::TERM | Signal::INT) => self.stop()?,
+                Some(Signal::QUIT) => self.stop_now(),
+                Some(Signal::HUP) => self.reload(),
+                Some(Signal::TTIN) => self.scale(true)?,
+                Some(Signal::TTOU) => self.scale(false)?,
                 _ => {}
             }
             if let Some(id) = listening {

@@ -234,7 +234,8 @@ fn fork_env_reaches_the_worker_and_marks_it_with_its_own_pid() {
     let mut p = Probe::start_with(|c| {
         c.env("FOO", "from-primary").env("ONLY_PRIMARY", "yes");
         // systemd speaks to the primary alone (sidekiq #5829).
-        c.env("NOTIFY_SOCKET", "/nonexistent/notify").env("WATCHDOG_USEC", "1");
+        c.env("NOTIFY_SOCKET", "/nonexistent/notify")
+            .env("WATCHDOG_USEC", "1");
     });
     let a = p.fork_online("FOO=bar EXTRA=1");
     let b = p.fork_online("");

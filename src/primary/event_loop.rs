@@ -14,6 +14,7 @@ use crate::ipc::channel::{Frame, Recv};
 use crate::ipc::wire::{Kind, HEADER_LEN};
 use crate::protocol::REJECTED;
 use crate::readiness::Readiness;
+use crate::signal::Signal;
 use crate::sys::{epoll, signal};
 
 pub(super) const TOKEN_SIGNAL: u64 = 0;
@@ -71,7 +72,7 @@ impl Primary {
         let until = timeout.map(|t| Instant::now() + t);
         loop {
             if let Some(ev) = self.events.pop_front() {
-                if let Event::Exit(id, ..) = ev {
+                if let Event::Exit { id, .. } = ev {
                     self.workers.remove(&id);
                 }
                 return Ok(Some(ev));
@@ -124,7 +125,10 @@ impl Primary {
                 }
                 TOKEN_USER => {
                     let r = Readiness::from_epoll(flags);
-                    self.events.push_back(Event::Ready(token & 0xffff_ffff, r));
+                    self.events.push_back(Event::Ready {
+                        token: token & 0xffff_ffff,
+                        readiness: r,
+                    });
                 }
                 _ => self.on_signals()?,
             }
@@ -143,7 +147,10 @@ impl Primary {
             if sig == signal::SIGCHLD {
                 self.reap();
             } else {
-                self.events.push_back(Event::Signal(sig));
+                // Only the signals in SIGNALS arrive here: all valid.
+                if let Ok(sig) = Signal::from_raw(sig) {
+                    self.events.push_back(Event::Signal(sig));
+                }
             }
         }
         // A SIGCHLD can merge with one read before the child was reapable.
@@ -251,15 +258,19 @@ impl Primary {
             Kind::Online => bare(),
             Kind::User => {
                 if f.lost_fds > 0 {
-                    self.events.push_back(Event::Error(
+                    self.events.push_back(Event::Error {
                         id,
-                        other(format!(
+                        error: other(format!(
                             "message from worker {id} lost {} fds on the way in (EMFILE in the primary)",
                             f.lost_fds
                         )),
-                    ));
+                    });
                 }
-                self.events.push_back(Event::Message(id, f.payload, f.fds));
+                self.events.push_back(Event::Message {
+                    id,
+                    bytes: f.payload,
+                    fds: f.fds,
+                });
                 Ok(())
             }
             Kind::QueryServer => self.on_query(id, f.header.seq, &f.payload),
@@ -287,7 +298,8 @@ impl Primary {
                 if slot.state == State::Online {
                     slot.state = State::Listening;
                 }
-                self.events.push_back(Event::Listening(id, addr));
+                self.events
+                    .push_back(Event::Listening { id, address: addr });
                 Ok(())
             }
             Kind::ConnReply => {

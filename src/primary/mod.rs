@@ -108,6 +108,7 @@ pub use self::workers::{ExitStatus, State, WorkerInfo};
 pub use crate::env::{ENV_CHANNEL_FD, ENV_RR_WINDOW, ENV_SCHED_POLICY, ENV_WORKER_ID};
 use crate::ipc::wire;
 use crate::protocol::Policy;
+use crate::signal::Signal;
 use crate::sys::{epoll, signal};
 
 /// Signals the primary turns into events instead of dying of them.
@@ -218,29 +219,63 @@ impl Settings {
 
 /// What [`Primary::next_event`] reports.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Event {
     /// A worker was forked (its exec succeeded).
     Fork(u32),
     /// The worker's first frame arrived.
     Online(u32),
     /// The worker listens on this address (port 0 resolved).
-    Listening(u32, Address),
-    /// A user message from a worker, with any fds it sent.
-    Message(u32, Vec<u8>, Vec<OwnedFd>),
+    Listening {
+        /// The worker.
+        id: u32,
+        /// Where it listens.
+        address: Address,
+    },
+    /// A user message from a worker, with any fds it sent (now owned by
+    /// the program).
+    Message {
+        /// The sender.
+        id: u32,
+        /// The message.
+        bytes: Vec<u8>,
+        /// The fds that came with it.
+        fds: Vec<OwnedFd>,
+    },
     /// The worker's channel closed.
     Disconnect(u32),
-    /// The worker's process ended; the flag is `exited_after_disconnect`.
-    Exit(u32, ExitStatus, bool),
+    /// The worker's process ended. It is the last event of a worker.
+    Exit {
+        /// The worker.
+        id: u32,
+        /// How it ended.
+        status: ExitStatus,
+        /// True when a disconnect was asked for, by either side, before it
+        /// ended (≈ `worker.exitedAfterDisconnect`).
+        exited_after_disconnect: bool,
+    },
     /// A signal the primary should act on (SIGTERM, SIGINT, SIGHUP, ...).
-    Signal(i32),
-    /// The worker broke the protocol (or its frame lost fds); it is being
-    /// killed when the error is fatal. `Disconnect` and `Exit` follow.
-    Error(u32, io::Error),
+    /// The primary blocks them, so nothing happens unless the program acts.
+    Signal(Signal),
+    /// Something went wrong with a worker: it broke the protocol (it is
+    /// being killed; `Disconnect` and `Exit` follow) or a message it sent
+    /// lost fds on the way in.
+    Error {
+        /// The worker (0 when the error concerns no single worker).
+        id: u32,
+        /// What went wrong.
+        error: io::Error,
+    },
     /// A worker held connections longer than the hang timeout without
     /// taking the next one; it is being killed.
     Hung(u32),
-    /// An fd given to [`Primary::register`] is ready; the token is its own.
-    Ready(u64, crate::readiness::Readiness),
+    /// An fd given to [`Primary::register`] is ready.
+    Ready {
+        /// The token it was registered with.
+        token: u64,
+        /// What it is ready for.
+        readiness: crate::readiness::Readiness,
+    },
 }
 
 /// The primary process. See the module docs.

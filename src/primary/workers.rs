@@ -19,6 +19,7 @@ use crate::env::{ENV_CHANNEL_FD, ENV_WORKER_ID, ENV_WORKER_PID};
 use crate::ipc::channel::Channel;
 use crate::ipc::wire::Kind;
 use crate::protocol::Policy;
+use crate::signal::Signal;
 use crate::sys::{self, epoll, pidfd, process, signal};
 
 /// The fd number the channel has in every worker.
@@ -46,14 +47,14 @@ pub enum ExitStatus {
     /// It exited with this code.
     Code(i32),
     /// A signal ended it.
-    Signal(i32),
+    Signal(Signal),
 }
 
 impl std::fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ExitStatus::Code(c) => write!(f, "exit code {c}"),
-            ExitStatus::Signal(s) => write!(f, "signal {} ({s})", process::signal_name(*s)),
+            ExitStatus::Signal(s) => write!(f, "signal {s} ({})", s.as_raw()),
         }
     }
 }
@@ -257,12 +258,13 @@ impl Primary {
     }
 
     /// Sends `sig` to a worker (≈ `worker.process.kill`).
-    pub fn kill(&mut self, id: u32, sig: i32) -> io::Result<()> {
+    /// `NotConnected` once it has exited.
+    pub fn kill(&mut self, id: u32, sig: Signal) -> io::Result<()> {
         let slot = self.workers.get(&id).ok_or_else(|| Self::gone(id))?;
         if slot.exit.is_some() {
             return Err(Self::gone(id));
         }
-        process::kill(slot.pid, sig)
+        process::kill(slot.pid, sig.as_raw())
     }
 
     /// Graceful disconnect: stop routing to the worker, tell it to finish
@@ -386,7 +388,7 @@ impl Primary {
         };
         let status = match status {
             process::ExitStatus::Code(c) => ExitStatus::Code(c),
-            process::ExitStatus::Signal(s) => ExitStatus::Signal(s),
+            process::ExitStatus::Signal(s) => ExitStatus::Signal(Signal::from_kernel(s)),
         };
         self.unwatch_exit(id);
         if let Some(s) = self.workers.get_mut(&id) {
@@ -400,19 +402,22 @@ impl Primary {
         // The slot stays (state Dead) until this Exit is handed out.
         if let Some(s) = self.workers.get_mut(&id) {
             s.state = State::Dead;
-            self.events
-                .push_back(Event::Exit(id, status, s.exited_after_disconnect));
+            self.events.push_back(Event::Exit {
+                id,
+                status,
+                exited_after_disconnect: s.exited_after_disconnect,
+            });
         }
     }
 
     pub(super) fn protocol_error(&mut self, id: u32, e: io::Error) {
-        self.events.push_back(Event::Error(
+        self.events.push_back(Event::Error {
             id,
-            io::Error::new(
+            error: io::Error::new(
                 e.kind(),
                 format!("worker {id} broke the channel protocol: {e}"),
             ),
-        ));
+        });
         self.abort_worker(id);
     }
 
