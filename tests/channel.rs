@@ -460,6 +460,8 @@ fn thousand_frames_with_interleaved_fds_arrive_in_order() {
     });
 
     let mut tx = Channel::new(a, true);
+    // Up to 48 KiB of these frames hold over 1024 fds: lift the fd cap.
+    tx.set_queue_limits(usize::MAX, usize::MAX);
     let ep = Epoll::new().unwrap();
     ep.add(tx.as_fd(), WRITABLE, 0).unwrap();
     let mut events = Events::with_capacity(1);

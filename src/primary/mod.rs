@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use self::round_robin::{Avail, Conn, Handle};
 pub use self::shared::Address;
-use crate::ipc::channel::{Channel, Frame, Recv};
+use crate::ipc::channel::{Channel, Frame, QueueFull, Recv};
 use crate::ipc::wire::{self, Kind};
 use crate::protocol::{self, Policy, Query, REJECTED};
 use crate::sys::{self, epoll, process, signal};
@@ -484,7 +484,18 @@ impl Primary {
     ) -> io::Result<()> {
         let slot = self.workers.get_mut(&id).ok_or_else(|| Self::gone(id))?;
         let ch = slot.channel.as_mut().ok_or_else(|| Self::gone(id))?;
-        ch.send(kind, flags, seq, bytes, fds)?;
+        // [channel, issue 9 §3] A worker that lets its queue fill is broken:
+        // report it and kill it; the caller gets the same error.
+        if let Err(e) = ch.send(kind, flags, seq, bytes, fds) {
+            let Some(full) = e.get_ref().and_then(|i| i.downcast_ref::<QueueFull>()) else {
+                return Err(e);
+            };
+            let msg = format!("worker {id} is not reading: {full}");
+            let err = || io::Error::new(io::ErrorKind::OutOfMemory, msg.clone());
+            self.events.push_back(Event::Error(id, err()));
+            self.abort_worker(id);
+            return Err(err());
+        }
         if ch.wants_write() && !slot.want_write {
             slot.want_write = true;
             self.epoll.modify(
@@ -809,6 +820,11 @@ impl Primary {
     }
 
     fn protocol_error(&mut self, id: u32, e: io::Error) {
+        // [channel, issue 9 §3] A send to it on the way closed its channel
+        // (`send_frame`, queue full) and reported why already.
+        if self.workers.get(&id).is_some_and(|s| s.channel.is_none()) {
+            return;
+        }
         self.events.push_back(Event::Error(
             id,
             io::Error::new(
