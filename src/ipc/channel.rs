@@ -7,10 +7,11 @@
 //! receiver knows the byte range `[start, end)` each batch of fds came with:
 //! exactly one frame with `nfds > 0` starts in that range, and it owns them
 //! all. Anything else is a protocol error as soon as the headers in that
-//! range are known (not when the frame completes): fds on a byte where no
-//! frame announcing fds starts, a second batch for one frame, or a count
-//! other than the one announced. The fds of a failed channel are closed,
-//! never leaked.
+//! range are known, not when the frame completes: fds on a byte where no
+//! frame announcing fds starts, or a count other than the one announced.
+//! The offending fds are closed at once and nothing more is read; the
+//! frames wholly before the fault are still delivered, then the error. The
+//! fds of a failed channel are closed, never leaked.
 //!
 //! Two ways to write: [`Channel::send`] on a blocking channel writes it all
 //! (a worker); on a non-blocking one it writes what the socket takes now and
@@ -111,6 +112,14 @@ impl fmt::Display for QueueFull {
 
 impl std::error::Error for QueueFull {}
 
+/// A queued frame (or what is left of it) and its fds, which go with its
+/// first byte.
+#[derive(Debug)]
+struct Queued {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
 #[derive(Debug)]
 struct Batch {
     start: u64,
@@ -136,12 +145,15 @@ pub struct Channel {
     offset: u64,
     batches: VecDeque<Batch>,
     eof: bool,
+    // A protocol error found ahead of the frames before it: those frames
+    // (ending by this stream offset) are delivered first, then the error.
+    deferred: Option<(u64, io::Error)>,
     broken: Option<String>,
-    // Write side: out[wpos..] is queued; marks hold the fds of queued frames
-    // by their offset in `out`.
-    out: Vec<u8>,
+    // Write side: frames not yet written, oldest first, the front one from
+    // byte `wpos`. One buffer per frame: a long queue is never copied to grow.
+    out: VecDeque<Queued>,
     wpos: usize,
-    marks: VecDeque<(usize, Vec<OwnedFd>)>,
+    queued_bytes: usize,
     queued_fds: usize,
     max_queued_bytes: usize,
     max_queued_fds: usize,
@@ -169,10 +181,11 @@ impl Channel {
             offset: 0,
             batches: VecDeque::new(),
             eof: false,
+            deferred: None,
             broken: None,
-            out: Vec::new(),
+            out: VecDeque::new(),
             wpos: 0,
-            marks: VecDeque::new(),
+            queued_bytes: 0,
             queued_fds: 0,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             max_queued_fds: DEFAULT_MAX_QUEUED_FDS,
@@ -202,7 +215,7 @@ impl Channel {
 
     /// Bytes queued and not yet written.
     pub fn queued(&self) -> usize {
-        self.out.len() - self.wpos
+        self.queued_bytes
     }
 
     /// fds queued (duplicates held until their frame is written).
@@ -212,7 +225,7 @@ impl Channel {
 
     /// True while queued bytes wait for writability.
     pub fn wants_write(&self) -> bool {
-        self.queued() > 0
+        !self.out.is_empty()
     }
 
     /// Sends one frame. fds are borrowed: if the frame must be queued, they
@@ -254,19 +267,15 @@ impl Channel {
             } else {
                 rest.extend_from_slice(&payload[sent - HEADER_LEN..]);
             }
-            if sent == 0 && !fds.is_empty() {
-                self.marks.push_back((0, dup_all(fds)?));
-                self.queued_fds = fds.len();
-            }
-            self.out = rest;
-            self.wpos = 0;
+            let fds = if sent == 0 { dup_all(fds)? } else { Vec::new() };
+            self.push(rest, fds);
             return Ok(());
         }
-        if self.queued() + total > self.max_queued_bytes
+        if self.queued_bytes + total > self.max_queued_bytes
             || self.queued_fds + fds.len() > self.max_queued_fds
         {
             let full = QueueFull {
-                queued_bytes: self.queued(),
+                queued_bytes: self.queued_bytes,
                 queued_fds: self.queued_fds,
                 max_bytes: self.max_queued_bytes,
                 max_fds: self.max_queued_fds,
@@ -275,32 +284,18 @@ impl Channel {
             };
             return Err(io::Error::new(io::ErrorKind::OutOfMemory, full));
         }
-        if self.wpos > 0
-            && (self.wpos >= self.out.len() / 2 || self.out.len() + total > self.max_queued_bytes)
-        {
-            // Compact so a queue that never empties does not grow forever.
-            self.out.drain(..self.wpos);
-            for (off, _) in self.marks.iter_mut() {
-                *off -= self.wpos;
-            }
-            self.wpos = 0;
-        }
-        let need = self.out.len() + total;
-        if need > self.out.capacity() {
-            // Double, as Vec would, but never past the cap.
-            let want = (self.out.capacity() * 2)
-                .max(need)
-                .min(self.max_queued_bytes.max(need));
-            self.out.reserve_exact(want - self.out.len());
-        }
-        if !fds.is_empty() {
-            let dups = dup_all(fds)?;
-            self.marks.push_back((self.out.len(), dups));
-            self.queued_fds += fds.len();
-        }
-        self.out.extend_from_slice(&header);
-        self.out.extend_from_slice(payload);
+        let dups = dup_all(fds)?;
+        let mut bytes = Vec::with_capacity(total);
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(payload);
+        self.push(bytes, dups);
         Ok(())
+    }
+
+    fn push(&mut self, bytes: Vec<u8>, fds: Vec<OwnedFd>) {
+        self.queued_bytes += bytes.len();
+        self.queued_fds += fds.len();
+        self.out.push_back(Queued { bytes, fds });
     }
 
     // Writes as much as the socket takes now (all of it when blocking).
@@ -328,47 +323,49 @@ impl Channel {
     /// Writes queued bytes. `Ok(true)` once the queue is empty; `Ok(false)`
     /// when the socket is full again (wait for writability).
     pub fn flush(&mut self) -> io::Result<bool> {
-        while self.wpos < self.out.len() {
-            let at_mark = matches!(self.marks.front(), Some((off, _)) if *off == self.wpos);
-            let next_mark = self
-                .marks
-                .iter()
-                .map(|(off, _)| *off)
-                .find(|&off| off > self.wpos)
-                .unwrap_or(self.out.len());
-            let chunk = &self.out[self.wpos..next_mark];
-            let res = {
-                let borrowed: Vec<BorrowedFd<'_>> = match (at_mark, self.marks.front()) {
-                    (true, Some((_, fds))) => fds.iter().map(|f| f.as_fd()).collect(),
-                    _ => Vec::new(),
-                };
-                sys::msg::send(
-                    self.fd.as_fd(),
-                    &[IoSlice::new(chunk)],
-                    &borrowed,
-                    self.nonblocking,
-                )
-            };
-            match res {
-                Ok(n) => {
-                    if at_mark && n > 0 {
-                        if let Some((_, fds)) = self.marks.pop_front() {
-                            self.queued_fds -= fds.len();
-                        }
-                    }
-                    self.wpos += n;
+        // One sendmsg: the front frame, then the next ones up to the next
+        // frame with fds (which must start its own sendmsg).
+        const BATCH: usize = 64;
+        while let Some(front) = self.out.front() {
+            let mut slices = [IoSlice::new(&[]); BATCH];
+            slices[0] = IoSlice::new(&front.bytes[self.wpos..]);
+            let mut used = 1;
+            for q in self.out.iter().skip(1).take(BATCH - 1) {
+                if !q.fds.is_empty() {
+                    break;
                 }
+                slices[used] = IoSlice::new(&q.bytes);
+                used += 1;
+            }
+            let fds: Vec<BorrowedFd<'_>> = front.fds.iter().map(|f| f.as_fd()).collect();
+            match sys::msg::send(self.fd.as_fd(), &slices[..used], &fds, self.nonblocking) {
+                Ok(n) => self.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
-        self.out.clear();
-        self.wpos = 0;
-        if self.out.capacity() > 4 * READ_CHUNK {
-            // A burst is over: do not keep its memory.
-            self.out = Vec::new();
-        }
         Ok(true)
+    }
+
+    // Drops `n` written bytes from the front of the queue.
+    fn advance(&mut self, mut n: usize) {
+        self.queued_bytes -= n;
+        while n > 0 {
+            let Some(front) = self.out.front_mut() else {
+                return;
+            };
+            // The fds went with the first byte written.
+            self.queued_fds -= front.fds.len();
+            front.fds.clear();
+            let left = front.bytes.len() - self.wpos;
+            if n < left {
+                self.wpos += n;
+                return;
+            }
+            n -= left;
+            self.wpos = 0;
+            self.out.pop_front();
+        }
     }
 
     /// Reads and returns the next frame without blocking.
@@ -501,8 +498,12 @@ impl Channel {
             });
         }
         if self.batches.iter().any(|b| b.owner.is_none()) {
-            if let Err(e) = self.resolve() {
-                return Err(self.fail(e.into()));
+            if let Err((at, i, e)) = self.resolve() {
+                // Close the offending fds now and read no more; the frames
+                // wholly before `at` are still delivered (see `parse`).
+                self.batches.truncate(i);
+                self.deferred = Some((at, e.into()));
+                return Ok(());
             }
         }
         let held: usize = self.batches.iter().map(|b| b.fds.len()).sum();
@@ -521,8 +522,9 @@ impl Channel {
     // Gives each batch without an owner the one frame announcing fds that
     // starts in its byte range, as soon as the headers there are in. A
     // batch stays unowned only while the header of the last buffered frame,
-    // which starts in its range, is incomplete.
-    fn resolve(&mut self) -> Result<(), WireError> {
+    // which starts in its range, is incomplete. An error says from which
+    // stream offset the stream is bad and which batch is the first to drop.
+    fn resolve(&mut self) -> Result<(), (u64, usize, WireError)> {
         let mut i = 0;
         while i < self.batches.len() {
             let b = &self.batches[i];
@@ -536,13 +538,16 @@ impl Channel {
             let (mut pos, mut at) = (self.head, self.offset);
             let mut owner = None;
             let mut undecided = false;
+            // The frame holding the last byte read with the fds.
+            let mut last = at;
             while at < end {
+                last = at;
                 let avail = &self.buf[pos..self.tail];
                 if avail.len() < HEADER_LEN {
                     undecided = at >= start;
                     break;
                 }
-                let h = wire::decode_header(avail, self.max_payload)?;
+                let h = wire::decode_header(avail, self.max_payload).map_err(|e| (at, i, e))?;
                 if at >= start && h.nfds > 0 {
                     owner = Some((at, h.nfds));
                     break;
@@ -555,10 +560,11 @@ impl Channel {
                 // Batch ranges are disjoint, so no other batch owns `at`.
                 Some((at, announced)) => {
                     if !b.truncated && b.fds.len() != usize::from(announced) {
-                        return Err(WireError::FdCountMismatch {
+                        let e = WireError::FdCountMismatch {
                             announced,
                             received: b.fds.len(),
-                        });
+                        };
+                        return Err((at, i, e));
                     }
                     self.batches[i].owner = Some(at);
                     i += 1;
@@ -569,11 +575,14 @@ impl Channel {
                 None if b.truncated => {
                     self.batches.remove(i);
                 }
+                // The fds rode on the last skb read, so frames before the
+                // last one touched are not at fault.
                 None => {
-                    return Err(WireError::FdCountMismatch {
+                    let e = WireError::FdCountMismatch {
                         announced: 0,
                         received: b.fds.len(),
-                    })
+                    };
+                    return Err((last, i, e));
                 }
             }
         }
@@ -583,6 +592,12 @@ impl Channel {
     fn parse(&mut self) -> io::Result<Option<Frame>> {
         if self.broken.is_some() {
             return Err(self.fill(true).unwrap_err());
+        }
+        if let Some((at, _)) = self.deferred {
+            if !self.whole_frame_ends_by(at) {
+                let (_, e) = self.deferred.take().expect("checked");
+                return Err(self.fail(e));
+            }
         }
         let avail = &self.buf[self.head..self.tail];
         if avail.len() < HEADER_LEN {
@@ -611,6 +626,19 @@ impl Channel {
             fds,
             lost_fds,
         }))
+    }
+
+    // True when a whole, well-formed frame at the head ends by stream
+    // offset `at`.
+    fn whole_frame_ends_by(&self, at: u64) -> bool {
+        let avail = &self.buf[self.head..self.tail];
+        match wire::decode_header(avail, self.max_payload) {
+            Ok(h) => {
+                let total = HEADER_LEN + h.len as usize;
+                avail.len() >= total && self.offset + total as u64 <= at
+            }
+            Err(_) => false,
+        }
     }
 
     // The fds of the complete frame at stream offset `s`, which `resolve`
