@@ -43,8 +43,10 @@ const READ_CHUNK: usize = 64 * 1024;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 32 * 1024 * 1024;
 
 /// Default cap on the fds a non-blocking channel queues (each is a
-/// duplicate held open until the peer reads its frame).
-pub const DEFAULT_MAX_QUEUED_FDS: usize = 1024;
+/// duplicate held open until the peer reads its frame): 512, room for a
+/// full round-robin window (253) and more, and half the common default
+/// `RLIMIT_NOFILE` of 1024, which one peer alone cannot then exhaust.
+pub const DEFAULT_MAX_QUEUED_FDS: usize = 512;
 
 /// Most received fds a channel holds before their frames are delivered:
 /// those of the frame being read and of the next one.

@@ -469,6 +469,9 @@ impl Primary {
 
     /// Sends a user message, with fds, to a worker. Buffered: never blocks
     /// on a slow worker. `Err(NotConnected)` once its channel is closed.
+    /// `Err(InvalidInput)` for over 16 MiB (nothing sent). A worker that does
+    /// not read, with 32 MiB or 512 fds queued for it, is reported and
+    /// killed, and this returns that error (`OutOfMemory`).
     pub fn send(&mut self, id: u32, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         self.send_frame(id, Kind::User, 0, 0, bytes, fds)
     }

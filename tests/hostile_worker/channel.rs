@@ -103,31 +103,33 @@ fn worker_that_never_reads_is_killed_at_the_queue_byte_cap() {
     let mut s = Scene::start("rr");
     s.p.ask("set echo on", "ok set");
     let id = fork_hostile(&mut s.p, "never-read-flood user");
-    let why = format!("worker {id} is not reading: outgoing queue over 33554432 bytes / 1024 fds");
+    let why = format!("worker {id} is not reading: outgoing queue over 33554432 bytes / 512 fds");
     s.reported_and_killed(id, &why);
     // The echo that overflowed got the same error back from Primary::send.
     let echo = s.p.expect(format!("err echo {id} OutOfMemory: "), T);
     assert!(echo.contains(&why), "{echo}");
     s.p.ask("set echo off", "ok set");
     let peaks = s.finish("never-read-flood user");
-    // 32 MiB of queue, 1 MiB frames in and out, and slack.
-    assert!(peaks.rss_kb < 48 * KIB, "{peaks:?}");
+    // The 32 MiB queue, plus 1 MiB frames on their way in and out and
+    // allocator slack (about 40 MB in all here; before: 2 GB).
+    assert!(peaks.rss_kb < 56 * KIB, "{peaks:?}");
     assert!(peaks.fds < 16, "{peaks:?}");
 }
 
 /// Item 1, fds: in shared mode every QueryServer is answered with a
 /// duplicate of the listening fd; a worker that floods queries and never
-/// reads made the primary hit EMFILE.
+/// reads made the primary hit EMFILE. The bound (512 queued) also keeps
+/// this test under a soft fd limit of 1024.
 #[test]
 fn worker_that_never_reads_query_replies_is_killed_at_the_queue_fd_cap() {
     let mut s = Scene::start("shared");
     let id = fork_hostile(&mut s.p, "never-read-flood query 127.0.0.1 0 5000");
     s.reported_and_killed(
         id,
-        &format!("worker {id} is not reading: outgoing queue over 33554432 bytes / 1024 fds"),
+        &format!("worker {id} is not reading: outgoing queue over 33554432 bytes / 512 fds"),
     );
     let peaks = s.finish("never-read-flood query");
-    assert!(peaks.fds <= 1024 + 16, "{peaks:?}");
+    assert!(peaks.fds <= 512 + 16, "{peaks:?}");
     assert!(peaks.rss_kb < 16 * KIB, "{peaks:?}");
 }
 
