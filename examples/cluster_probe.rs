@@ -23,11 +23,17 @@
 //!   `set max_handles N` |
 //!   `set listen [RULE ...]`: `Settings::listen_rules`, each RULE
 //!   `tcp:HOST:LO-HI` (HOST `*` for any, `[v6]` in brackets) or `unix:DIR`;
-//!   no RULE allows nothing, `set listen default` restores `None`
+//!   no RULE allows nothing, `set listen default` restores `None` |
+//!   `set echo on|off`: when on, every user message from a worker is sent
+//!   back to it (after its `message` line); a failed send prints
+//!   `err echo <id> <io::ErrorKind debug>: <message>`
 //! - `fork [KEY=VALUE ...]` → `forked <id>` (or `err fork <msg>`); the Fork
 //!   event prints `fork <id>` too
 //! - `send <id> <text...>` ; `sendfd <id> <text...>`: sends the text with one
 //!   fd, the read end of a pipe whose write end got `fdtext` and was closed
+//! - `sendbig <id> <n>`: sends a message of exactly `n` bytes, `big ` then
+//!   `x`s; an error answers `err sendbig <io::ErrorKind debug>: <message>`
+//!   (addition for the channel caps)
 //! - `kill <id> <signum>` ; `disconnect <id> [timeout_ms]` ;
 //!   `disconnect_all [timeout_ms]` ; `unroute <id>`
 //! - `workers` → `workers <id>:<state>:<ead>:<inflight>,...` (state lowercase:
@@ -52,7 +58,8 @@
 //! Event lines:
 //! `fork <id>` | `online <id>` | `listening <id> <addr>` |
 //! `message <id> <text> fds=<n>` (payload as UTF-8, lossy; a newline in it is
-//! printed as `\n` so that one event stays one line) | `disconnect <id>` |
+//! printed as `\n` so that one event stays one line; a payload that starts
+//! with `big ` prints as `big:<length>`) | `disconnect <id>` |
 //! `exit <id> code=<c> ead=<true|false>` or `exit <id> signal=<n> ead=<..>` |
 //! `signal <n>` | `error <id> <message>` | `hung <id>` | `ready ...` is never
 //! printed for stdin.
@@ -78,7 +85,10 @@
 //! `hogged:<n>`; `freefds` → closes them, sends `freed:<n>`; `role` → calls
 //! `syncluster::role()` again, sends `role:ok:primary`, `role:ok:worker <id>`
 //! or `role:err:<ErrorKind debug>:<msg>`; `whoami` → `whoami:primary=<bool>
-//! worker=<bool> id=<id|none>`.
+//! worker=<bool> id=<id|none>`;
+//! `big ...` (what `sendbig` sends) → sends `big:<length>`; `sendbig N` →
+//! sends a message of N bytes (`big ` then `x`s) and then `sendbig-ok:N`, or
+//! on error `sendbig-err:<io::ErrorKind debug>:<message>`.
 //! Anything else → `unknown:<text>`.
 //!
 //! On `Event::Disconnect`: sends `served:<n>` (connections served) then exits
@@ -188,6 +198,7 @@ fn say(line: &str) {
 #[derive(Default)]
 struct Extra {
     child: Option<std::process::Child>,
+    echo: bool,
 }
 
 fn run_primary(mut primary: Primary) -> io::Result<()> {
@@ -200,6 +211,17 @@ fn run_primary(mut primary: Primary) -> io::Result<()> {
     loop {
         let ready = match primary.next_event_timeout(Some(Duration::from_millis(100)))? {
             Some(Event::Ready { token: STDIN, .. }) => true,
+            Some(Event::Message { id, bytes, fds }) if extra.echo => {
+                say(&event_line(Event::Message {
+                    id,
+                    bytes: bytes.clone(),
+                    fds,
+                }));
+                if let Err(e) = primary.send(id, &bytes, &[]) {
+                    say(&format!("err echo {id} {:?}: {e}", e.kind()));
+                }
+                false
+            }
             Some(ev) => {
                 say(&event_line(ev));
                 false
@@ -283,6 +305,9 @@ fn event_line(ev: Event) -> String {
         Event::Fork(id) => format!("fork {id}"),
         Event::Online(id) => format!("online {id}"),
         Event::Listening { id, address } => format!("listening {id} {address}"),
+        Event::Message { id, bytes, fds } if bytes.starts_with(b"big ") => {
+            format!("message {id} big:{} fds={}", bytes.len(), fds.len())
+        }
         Event::Message { id, bytes, fds } => format!(
             "message {id} {} fds={}",
             String::from_utf8_lossy(&bytes).replace('\n', "\\n"),
@@ -326,7 +351,22 @@ fn command(p: &mut Primary, extra: &mut Extra, line: &str) -> Result<Option<Stri
     let word = words.next().unwrap_or_default();
     let err = |e: io::Error| e.to_string();
     match word {
+        "set" if line.starts_with("set echo ") => {
+            extra.echo = match words.nth(1) {
+                Some("on") => true,
+                Some("off") => false,
+                other => return Err(format!("bad echo {other:?}: on or off")),
+            };
+            Ok(None)
+        }
         "set" => set(p, words.next().unwrap_or_default(), words.collect()).map(|()| None),
+        "sendbig" => {
+            let id: u32 = num(words.next(), "id")?;
+            let n: usize = num(words.next(), "n")?;
+            p.send(id, &big(n), &[])
+                .map_err(|e| format!("{:?}: {e}", e.kind()))?;
+            Ok(None)
+        }
         "fork" => {
             let mut env = Vec::new();
             for kv in words {
@@ -544,6 +584,14 @@ fn zombie_children() -> usize {
         .count()
 }
 
+/// `n` bytes: `big ` (as much of it as fits) then `x`s.
+fn big(n: usize) -> Vec<u8> {
+    let mut v = b"big ".to_vec();
+    v.resize(n, b'x');
+    v.truncate(n);
+    v
+}
+
 /// The read end of a pipe whose write end got `content` and was closed.
 fn pipe_holding(content: &[u8]) -> io::Result<OwnedFd> {
     let (read_end, write_end) = sys::process::pipe()?;
@@ -734,6 +782,14 @@ impl Probe {
                     self.say(&format!("burst:{i}"))?;
                 }
                 exit(3);
+            }
+            "big" => self.say(&format!("big:{}", bytes.len())),
+            "sendbig" => {
+                let n: usize = arg.trim().parse().unwrap_or(0);
+                match self.worker.send(&big(n), &[]) {
+                    Ok(()) => self.say(&format!("sendbig-ok:{n}")),
+                    Err(e) => self.say(&format!("sendbig-err:{:?}:{e}", e.kind())),
+                }
             }
             "givefd" => {
                 let fd = pipe_holding(b"giventext")?;

@@ -15,8 +15,8 @@ use std::os::unix::net::UnixStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use syncluster::ipc::channel::{Channel, Frame, Recv};
-use syncluster::ipc::wire::{Kind, HEADER_LEN, MAX_FDS};
+use syncluster::ipc::channel::{Channel, Frame, QueueFull, Recv, DEFAULT_MAX_QUEUED_BYTES};
+use syncluster::ipc::wire::{Header, Kind, WireError, DEFAULT_MAX_PAYLOAD, HEADER_LEN, MAX_FDS};
 use syncluster::sys::epoll::{Epoll, Events, WRITABLE};
 use syncluster::sys::fd::{adopt_inherited, is_cloexec, nofile_limit, set_nofile_soft_limit};
 use syncluster::sys::msg::{self, Truncated};
@@ -183,6 +183,7 @@ fn child_entry() {
         Some("listen_and_conn") => child_listen_and_conn(Channel::new(fd, false)),
         Some("large_echo") => child_large_echo(Channel::new(fd, false)),
         Some("ctrunc") => child_ctrunc(fd),
+        Some("header_rss") => child_header_rss(Channel::new(fd, false)),
         other => panic!("unknown child role {other:?}"),
     }
 }
@@ -460,6 +461,9 @@ fn thousand_frames_with_interleaved_fds_arrive_in_order() {
     });
 
     let mut tx = Channel::new(a, true);
+    // Up to 48 KiB of these frames hold some 800 fds, over the default
+    // cap: lift it.
+    tx.set_queue_limits(usize::MAX, usize::MAX);
     let ep = Epoll::new().unwrap();
     ep.add(tx.as_fd(), WRITABLE, 0).unwrap();
     let mut events = Events::with_capacity(1);
@@ -657,4 +661,376 @@ fn nonblocking_send_queues_partial_writes_and_flush_completes() {
     assert!(matches!(rx.try_recv().unwrap(), Recv::WouldBlock));
     drop(tx);
     assert!(matches!(rx.try_recv().unwrap(), Recv::Eof));
+}
+
+// ---------------------------------------------------------------------------
+// Bounds: what a peer can make this end hold (issue 9 §3)
+// ---------------------------------------------------------------------------
+
+fn raw_header(kind: Kind, nfds: u16, len: u32) -> Vec<u8> {
+    Header {
+        kind,
+        flags: 0,
+        nfds,
+        seq: 0,
+        len,
+    }
+    .encode()
+    .to_vec()
+}
+
+/// Sends `bytes` in one sendmsg with `fds`, all of it.
+fn raw_send(fd: &OwnedFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+    let n = msg::send(fd.as_fd(), &[IoSlice::new(bytes)], fds, false).unwrap();
+    assert_eq!(n, bytes.len());
+}
+
+/// A pipe: the read end to send, the write end to see whether any copy of
+/// the read end is still open anywhere.
+fn probe_pipe() -> (OwnedFd, File) {
+    let (r, w) = process::pipe().unwrap();
+    (r, File::from(w))
+}
+
+/// True while some copy of the pipe's read end is open (in a process or in
+/// flight in a socket): a write succeeds. Closed everywhere: `EPIPE`.
+fn read_end_open(w: &mut File) -> bool {
+    match w.write(b"x") {
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => false,
+        Err(e) => panic!("write to a pipe: {e}"),
+    }
+}
+
+fn queue_full(e: &io::Error) -> QueueFull {
+    assert_eq!(e.kind(), io::ErrorKind::OutOfMemory, "{e}");
+    *e.get_ref()
+        .and_then(|i| i.downcast_ref::<QueueFull>())
+        .unwrap_or_else(|| panic!("not QueueFull: {e:?}"))
+}
+
+fn wire_error(e: &io::Error) -> WireError {
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<WireError>())
+        .cloned()
+        .unwrap_or_else(|| panic!("not a WireError: {e:?}"))
+}
+
+#[test]
+fn send_refuses_a_payload_over_the_send_cap_and_sends_nothing() {
+    for nonblocking in [false, true] {
+        let (a, b) = socket::socketpair().unwrap();
+        let mut tx = Channel::new(with_timeouts(a), nonblocking);
+        let mut rx = Channel::new(b, true);
+        let over = vec![0u8; DEFAULT_MAX_PAYLOAD as usize + 1];
+        let e = tx.send(Kind::User, 0, 0, &over, &[]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert_eq!(
+            e.to_string(),
+            "cannot send: frame payload of 16777217 bytes exceeds the 16777216-byte cap"
+        );
+        assert!(!tx.wants_write());
+        tx.set_max_send_payload(100);
+        let e = tx.send(Kind::User, 0, 1, &[1; 101], &[]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("101 bytes exceeds the 100-byte cap"));
+        tx.send(Kind::User, 0, 2, &[2; 100], &[]).unwrap();
+        // Only the frame at the cap went out.
+        match rx.try_recv().unwrap() {
+            Recv::Frame(f) => assert_eq!((f.header.seq, f.payload), (2, vec![2; 100])),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(rx.try_recv().unwrap(), Recv::WouldBlock));
+    }
+}
+
+#[test]
+fn queue_to_a_peer_that_never_reads_stops_at_the_byte_cap() {
+    const CAP: usize = 1 << 20;
+    const FRAME: usize = 64 * 1024;
+    let (a, b) = socket::socketpair().unwrap();
+    let mut tx = Channel::new(a, true);
+    assert_eq!(DEFAULT_MAX_QUEUED_BYTES, 32 << 20);
+    tx.set_queue_limits(CAP, 1024);
+    let mut sent = 0u32;
+    let err = loop {
+        match tx.send(Kind::User, 0, sent, &pattern(FRAME, sent as u8), &[]) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 1000, "never refused");
+    };
+    let full = queue_full(&err);
+    assert_eq!((full.max_bytes, full.max_fds), (CAP, 1024));
+    assert_eq!(full.queued_bytes, tx.queued());
+    assert_eq!(full.frame_bytes, HEADER_LEN + FRAME);
+    assert!(tx.queued() <= CAP && tx.queued() + HEADER_LEN + FRAME > CAP);
+    assert!(
+        err.to_string()
+            .starts_with("outgoing queue over 1048576 bytes / 1024 fds"),
+        "{err}"
+    );
+    // Refused means nothing queued; the queue still drains intact.
+    let queued = tx.queued();
+    assert!(tx.send(Kind::User, 0, sent, &[0; FRAME], &[]).is_err());
+    assert_eq!(tx.queued(), queued);
+    let mut rx = Channel::new(b, true);
+    let start = Instant::now();
+    let mut got = 0;
+    while got < sent {
+        assert!(start.elapsed() < DEADLINE, "stuck at frame {got}");
+        tx.flush().unwrap();
+        match rx.try_recv().unwrap() {
+            Recv::Frame(f) => {
+                assert_eq!(f.header.seq, got);
+                assert_eq!(first_mismatch(&f.payload, &pattern(FRAME, got as u8)), None);
+                got += 1;
+            }
+            Recv::WouldBlock => {}
+            Recv::Eof => panic!("EOF"),
+        }
+    }
+    assert!(tx.flush().unwrap());
+    assert!(matches!(rx.try_recv().unwrap(), Recv::WouldBlock));
+}
+
+#[test]
+fn queue_stops_at_the_fd_cap_and_its_dups_close_with_it() {
+    let (a, _b) = socket::socketpair().unwrap();
+    let mut tx = Channel::new(a, true);
+    tx.set_queue_limits(usize::MAX, 10);
+    while !tx.wants_write() {
+        tx.send(Kind::User, 0, 0, &[0; 4096], &[]).unwrap();
+    }
+    // Frames with 4 fds each: two fit under 10, the third is refused.
+    let mut kept = Vec::new();
+    for i in 0..3 {
+        let (r, w): (Vec<OwnedFd>, Vec<File>) = (0..4).map(|_| probe_pipe()).unzip();
+        let res = tx.send(Kind::User, 0, i, b"fds", &borrow_all(&r));
+        drop(r); // Only the channel's duplicates are left.
+        if i < 2 {
+            res.unwrap();
+            kept.extend(w);
+        } else {
+            let full = queue_full(&res.unwrap_err());
+            assert_eq!((full.queued_fds, full.frame_fds, full.max_fds), (8, 4, 10));
+            // Refused: no duplicate was made.
+            for mut w in w {
+                assert!(!read_end_open(&mut w));
+            }
+        }
+    }
+    assert_eq!(tx.queued_fds(), 8);
+    for w in &mut kept {
+        assert!(read_end_open(w), "a queued fd must stay open");
+    }
+    drop(tx);
+    for w in &mut kept {
+        assert!(!read_end_open(w), "a dropped channel closes its queued fds");
+    }
+}
+
+#[test]
+fn an_empty_queue_takes_one_frame_over_the_cap() {
+    let (a, b) = socket::socketpair().unwrap();
+    let mut tx = Channel::new(a, true);
+    tx.set_queue_limits(1000, 0);
+    let (r, mut w) = probe_pipe();
+    let big = pattern(512 * 1024, 9);
+    tx.send(Kind::User, 0, 1, &big, &[r.as_fd()]).unwrap();
+    drop(r);
+    assert!(tx.queued() > 1000, "the socket took it all: test nothing");
+    queue_full(&tx.send(Kind::Ack, 0, 2, &[], &[]).unwrap_err());
+    let mut rx = Channel::new(b, true);
+    let start = Instant::now();
+    let f = loop {
+        assert!(start.elapsed() < DEADLINE);
+        tx.flush().unwrap();
+        if let Recv::Frame(f) = rx.try_recv().unwrap() {
+            break f;
+        }
+    };
+    assert_eq!(first_mismatch(&f.payload, &big), None);
+    assert_eq!(f.fds.len(), 1);
+    drop(f);
+    assert!(!read_end_open(&mut w));
+    assert!(matches!(rx.try_recv().unwrap(), Recv::WouldBlock));
+}
+
+#[test]
+fn fds_inside_a_frame_fail_at_once_and_are_closed() {
+    let (raw, b) = socket::socketpair().unwrap();
+    let mut rx = Channel::new(b, true);
+    let ((r1, mut w1), (r2, mut w2)) = (probe_pipe(), probe_pipe());
+    // A frame announcing 1 fd gets it on its first byte: fine...
+    let mut first = raw_header(Kind::User, 1, 1 << 20);
+    first.extend_from_slice(&[1; 10]);
+    raw_send(&raw, &first, &[r1.as_fd()]);
+    assert!(matches!(rx.try_recv().unwrap(), Recv::WouldBlock));
+    // ...then 2 more on its 27th byte: an error now, not at the frame's end.
+    raw_send(&raw, &[2; 10], &[r2.as_fd(), r2.as_fd()]);
+    drop((r1, r2));
+    let e = rx.try_recv().unwrap_err();
+    assert_eq!(
+        wire_error(&e),
+        WireError::FdCountMismatch {
+            announced: 0,
+            received: 2
+        }
+    );
+    assert!(e.to_string().contains("first byte"), "{e}");
+    // All three are closed, the frame's own fd too.
+    assert!(!read_end_open(&mut w1));
+    assert!(!read_end_open(&mut w2));
+    assert!(rx
+        .try_recv()
+        .unwrap_err()
+        .to_string()
+        .contains("already failed"));
+}
+
+#[test]
+fn more_fds_than_announced_fail_at_once() {
+    let (raw, b) = socket::socketpair().unwrap();
+    let mut rx = Channel::new(b, true);
+    let (r, mut w) = probe_pipe();
+    let mut bytes = raw_header(Kind::User, 1, 1 << 20);
+    bytes.push(0);
+    raw_send(&raw, &bytes, &[r.as_fd(), r.as_fd(), r.as_fd()]);
+    drop(r);
+    let e = rx.try_recv().unwrap_err();
+    assert_eq!(
+        wire_error(&e),
+        WireError::FdCountMismatch {
+            announced: 1,
+            received: 3
+        }
+    );
+    assert!(!read_end_open(&mut w));
+}
+
+/// The fd flood of issue 9: a header, then 1 byte per sendmsg with 253 fds.
+/// The receiver takes the first batch, fails, and reads no further: the
+/// other batches stay in the socket, so it never holds more than 253.
+#[test]
+fn fd_flood_is_cut_at_the_first_batch() {
+    ensure_nofile(4096);
+    let (raw, b) = socket::socketpair().unwrap();
+    let mut rx = Channel::new(b, true);
+    raw_send(&raw, &raw_header(Kind::User, 0, DEFAULT_MAX_PAYLOAD), &[]);
+    // One distinct pipe per batch, 253 times over.
+    let mut writers = Vec::new();
+    for _ in 0..20 {
+        let (r, w) = probe_pipe();
+        raw_send(&raw, b"x", &vec![r.as_fd(); MAX_FDS]);
+        writers.push(w);
+    }
+    let e = rx.try_recv().unwrap_err();
+    assert_eq!(
+        wire_error(&e),
+        WireError::FdCountMismatch {
+            announced: 0,
+            received: MAX_FDS
+        }
+    );
+    assert!(!read_end_open(&mut writers[0]), "the first batch is closed");
+    for (i, w) in writers.iter_mut().enumerate().skip(1) {
+        assert!(read_end_open(w), "batch {i} was read: the receiver went on");
+    }
+    drop(rx);
+    drop(raw);
+    for w in &mut writers {
+        assert!(!read_end_open(w));
+    }
+}
+
+/// A frame the same read brought in ahead of a bad fd batch is delivered
+/// first; then the error.
+#[test]
+fn frames_before_a_bad_fd_batch_are_delivered_first() {
+    let (raw, b) = socket::socketpair().unwrap();
+    let mut rx = Channel::new(b, true);
+    raw_send(&raw, &raw_header(Kind::Ack, 0, 0), &[]);
+    let (r, mut w) = probe_pipe();
+    let mut bad = raw_header(Kind::User, 0, 100);
+    bad.push(7);
+    raw_send(&raw, &bad, &[r.as_fd()]);
+    drop(r);
+    match rx.try_recv().unwrap() {
+        Recv::Frame(f) => assert_eq!((f.header.kind, f.fds.len()), (Kind::Ack, 0)),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        !read_end_open(&mut w),
+        "closed before the error is returned"
+    );
+    let e = rx.try_recv().unwrap_err();
+    assert!(matches!(
+        wire_error(&e),
+        WireError::FdCountMismatch { announced: 0, .. }
+    ));
+}
+
+fn vm_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+const HEADERS: usize = 16;
+
+/// In a process of its own, so that RSS means something: 16 channels get a
+/// header announcing 16 MiB and nothing more. Reports its RSS growth; then
+/// one frame is completed in 64 KiB steps and must arrive intact.
+fn child_header_rss(mut ch: Channel) {
+    let before = vm_rss_kb();
+    let mut pairs = Vec::new();
+    for _ in 0..HEADERS {
+        let (raw, b) = socket::socketpair().unwrap();
+        let mut rx = Channel::new(b, true);
+        raw_send(&raw, &raw_header(Kind::User, 0, DEFAULT_MAX_PAYLOAD), &[]);
+        assert!(matches!(rx.try_recv().unwrap(), Recv::WouldBlock));
+        pairs.push((raw, rx));
+    }
+    let grew = vm_rss_kb().saturating_sub(before);
+    let (raw, rx) = &mut pairs[0];
+    let payload = pattern(DEFAULT_MAX_PAYLOAD as usize, 3);
+    // 64 KiB at a time, which the socket takes without a reader; each
+    // try_recv reads all there is.
+    for chunk in payload.chunks(64 * 1024) {
+        raw_send(raw, chunk, &[]);
+        match rx.try_recv().unwrap() {
+            Recv::WouldBlock => {}
+            Recv::Frame(f) => {
+                assert_eq!(f.payload.len(), payload.len());
+                assert_eq!(first_mismatch(&f.payload, &payload), None);
+                ch.send(Kind::Ack, 0, 0, format!("grew {grew}").as_bytes(), &[])
+                    .unwrap();
+                assert!(ch.recv().unwrap().is_none());
+                return;
+            }
+            Recv::Eof => panic!("EOF"),
+        }
+    }
+    panic!("the frame never completed");
+}
+
+#[test]
+fn a_header_alone_commits_no_payload_buffer() {
+    let (ours, theirs) = socket::socketpair().unwrap();
+    let mut child = Child::spawn("header_rss", theirs.as_fd());
+    drop(theirs);
+    let mut ch = Channel::new(with_timeouts(ours), false);
+    let report = ch.recv().unwrap().expect("the child's report");
+    let text = String::from_utf8(report.payload).unwrap();
+    let grew: u64 = text.strip_prefix("grew ").unwrap().parse().unwrap();
+    eprintln!("{HEADERS} headers of 16 MiB: RSS grew {grew} kB");
+    // Committing each announced payload would be 16 x 16 MiB = 256 MiB.
+    assert!(grew < 4 * 1024, "{HEADERS} headers grew RSS by {grew} kB");
+    drop(ch);
+    assert_eq!(child.wait(), ExitStatus::Code(0));
 }

@@ -140,6 +140,8 @@ pub enum WireError {
     /// More fds than [`MAX_FDS`].
     TooManyFds(usize),
     /// The header announced a different number of fds than arrived.
+    /// `announced: 0` is for fds that came where no frame announcing fds
+    /// starts: mid-frame, or with a frame that announces none.
     FdCountMismatch {
         /// Fds announced by the header.
         announced: u16,
@@ -170,6 +172,14 @@ impl fmt::Display for WireError {
                     "frame carries {n} fds, more than the maximum of {MAX_FDS}"
                 )
             }
+            WireError::FdCountMismatch {
+                announced: 0,
+                received,
+            } => write!(
+                f,
+                "{received} fds arrived where no frame announcing fds starts \
+                 (fds ride only on the first byte of a frame that announces them)"
+            ),
             WireError::FdCountMismatch {
                 announced,
                 received,

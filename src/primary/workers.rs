@@ -16,7 +16,7 @@ use super::handles::Grant;
 use super::round_robin::Conn;
 use super::{Event, Primary, Stdio};
 use crate::env::{ENV_CHANNEL_FD, ENV_WORKER_ID, ENV_WORKER_PID};
-use crate::ipc::channel::Channel;
+use crate::ipc::channel::{Channel, QueueFull};
 use crate::ipc::wire::Kind;
 use crate::protocol::Policy;
 use crate::signal::Signal;
@@ -230,6 +230,9 @@ impl Primary {
 
     /// Sends a user message, with fds, to a worker. Buffered: never blocks
     /// on a slow worker. `Err(NotConnected)` once its channel is closed.
+    /// `Err(InvalidInput)` for over 16 MiB (nothing sent). A worker that does
+    /// not read, with 32 MiB or 512 fds queued for it, is reported and
+    /// killed, and this returns that error (`OutOfMemory`).
     pub fn send(&mut self, id: u32, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         self.send_frame(id, Kind::User, 0, 0, bytes, fds)
     }
@@ -245,7 +248,18 @@ impl Primary {
     ) -> io::Result<()> {
         let slot = self.workers.get_mut(&id).ok_or_else(|| Self::gone(id))?;
         let ch = slot.channel.as_mut().ok_or_else(|| Self::gone(id))?;
-        ch.send(kind, flags, seq, bytes, fds)?;
+        // A worker that lets its queue fill is broken: report it and kill
+        // it; the caller gets the same error.
+        if let Err(e) = ch.send(kind, flags, seq, bytes, fds) {
+            let Some(full) = e.get_ref().and_then(|i| i.downcast_ref::<QueueFull>()) else {
+                return Err(e);
+            };
+            let msg = format!("worker {id} is not reading: {full}");
+            let err = || io::Error::new(io::ErrorKind::OutOfMemory, msg.clone());
+            self.events.push_back(Event::Error { id, error: err() });
+            self.abort_worker(id);
+            return Err(err());
+        }
         if ch.wants_write() && !slot.want_write {
             slot.want_write = true;
             self.epoll.modify(
@@ -411,6 +425,11 @@ impl Primary {
     }
 
     pub(super) fn protocol_error(&mut self, id: u32, e: io::Error) {
+        // A send on the way closed its channel (`send_frame`, queue full)
+        // and reported why already.
+        if self.workers.get(&id).is_some_and(|s| s.channel.is_none()) {
+            return;
+        }
         self.events.push_back(Event::Error {
             id,
             error: io::Error::new(
