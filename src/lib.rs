@@ -8,25 +8,40 @@
 //! workers. Primary and workers exchange messages, with fds if they like.
 //!
 //! ```no_run
-//! use syncluster::{Role, primary, worker};
 //! use std::io::Write;
+//! use std::time::Duration;
+//! use syncluster::{primary::Event, Role, Signal};
 //!
 //! fn main() -> std::io::Result<()> {
+//!     // Workers get the primary's arguments: they listen where it was told.
+//!     let addr = std::env::args().nth(1).unwrap_or("127.0.0.1:8000".into());
 //!     match syncluster::role()? {
 //!         Role::Primary(mut primary) => {
 //!             for _ in 0..2 {
 //!                 primary.fork()?;
 //!             }
+//!             // `None` once every worker has exited.
 //!             while let Some(ev) = primary.next_event()? {
-//!                 if let primary::Event::Exit { id, status, .. } = ev {
-//!                     eprintln!("worker {id} ended: {status}");
+//!                 match ev {
+//!                     Event::Listening { id, address } => {
+//!                         eprintln!("worker {id} listens on {address}")
+//!                     }
+//!                     // The primary turns these into events instead of dying:
+//!                     // stop accepting, let the workers finish, then exit.
+//!                     Event::Signal(Signal::TERM | Signal::INT) => {
+//!                         primary.disconnect_all(Some(Duration::from_secs(10)))?;
+//!                     }
+//!                     Event::Exit { id, status, .. } => eprintln!("worker {id} ended: {status}"),
+//!                     _ => {}
 //!                 }
 //!             }
 //!         }
 //!         Role::Worker(worker) => {
-//!             let listener = worker.listen("127.0.0.1:8000")?;
+//!             let listener = worker.listen(&addr)?;
+//!             // Ends when the primary disconnects this worker.
 //!             for stream in listener.incoming() {
-//!                 stream?.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")?;
+//!                 // A client that hung up costs only its own connection.
+//!                 let _ = stream?.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
 //!             }
 //!         }
 //!     }
@@ -57,6 +72,11 @@
 //! ping-ponging; `Disconnect` and `Exit` are both always reported.
 
 #![deny(missing_docs)]
+
+// Every Rust block of README.md compiles as a doctest (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 #[cfg(not(target_os = "linux"))]
 compile_error!(

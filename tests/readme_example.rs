@@ -99,3 +99,28 @@ fn readme_example_serves_and_stops_with_exit_0_on_sigterm() {
         );
     }
 }
+
+/// README.md and the crate docs show exactly the code this test runs.
+#[test]
+fn readme_and_crate_docs_show_examples_readme_verbatim() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let read = |p: &str| std::fs::read_to_string(format!("{root}/{p}")).expect(p);
+    let ex = read("examples/readme.rs");
+    let code = &ex[ex
+        .find("use std::io::Write;")
+        .expect("the example's first line")..];
+    assert!(
+        read("README.md").contains(code.trim_end()),
+        "README.md's example differs from examples/readme.rs"
+    );
+    let lib: String = read("src/lib.rs")
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        lib.contains(code.trim_end()),
+        "src/lib.rs's example differs from examples/readme.rs"
+    );
+}
