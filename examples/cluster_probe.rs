@@ -76,7 +76,9 @@
 //! `syncluster::role()` again, sends `role:ok:primary`, `role:ok:worker <id>`
 //! or `role:err:<ErrorKind debug>:<msg>`; `whoami` → `whoami:primary=<bool>
 //! worker=<bool> id=<id|none>`; `release` → drops the connections held
-//! under `PROBE_HOLD`, sends `released:<n>`; `open` →
+//! under `PROBE_HOLD`, sends `released:<n>`; `release-later MS` → sends
+//! `releasing:<n>` and hands them to a thread that drops them MS
+//! milliseconds later, while the worker waits; `open` →
 //! `open:<worker.open_connections()>:<each listener's open_connections(),
 //! comma-joined>`.
 //! Anything else → `unknown:<text>`.
@@ -734,6 +736,17 @@ impl Probe {
                 let n = self.held.len();
                 self.held.clear();
                 self.say(&format!("released:{n}"))
+            }
+            "release-later" => {
+                let held = std::mem::take(&mut self.held);
+                let ms = arg.trim().parse().unwrap_or(0);
+                self.say(&format!("releasing:{}", held.len()))?;
+                // Dropped on another thread while the worker waits.
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    drop(held);
+                });
+                Ok(())
             }
             "open" => {
                 let per: Vec<String> = self

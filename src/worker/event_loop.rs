@@ -145,7 +145,10 @@ impl Inner {
         }
         let mut body = Vec::with_capacity(ids.len() * 4);
         protocol::encode_ids(ids, &mut body);
-        if self.send(Kind::ConnReply, flags, handle, &body, &[]).is_err() {
+        if self
+            .send(Kind::ConnReply, flags, handle, &body, &[])
+            .is_err()
+        {
             self.close_channel();
         }
     }
@@ -213,7 +216,10 @@ impl Inner {
         let idx = self.listeners.len();
         if let Some(fd) = &shared {
             let bits = epoll::READABLE | epoll::EXCLUSIVE;
-            if let Err(e) = self.epoll.add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64) {
+            if let Err(e) = self
+                .epoll
+                .add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64)
+            {
                 self.release_index(&key, index);
                 let _ = self.send(Kind::Close, 0, handle, &[], &[]);
                 return Err(e);
@@ -509,7 +515,10 @@ impl Inner {
         let want = l.resting_until.is_none() && !full;
         if want && !l.in_epoll {
             let bits = epoll::READABLE | epoll::EXCLUSIVE;
-            match self.epoll.add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64) {
+            match self
+                .epoll
+                .add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64)
+            {
                 Ok(()) => l.in_epoll = true,
                 // Cannot watch it now (ENOMEM, ENOSPC): try again later.
                 Err(_) => l.resting_until = Some(Instant::now() + ACCEPT_BACKOFF),
@@ -706,7 +715,9 @@ impl Inner {
                     stream,
                 });
             }
-            l.count.paused.store(false, std::sync::atomic::Ordering::SeqCst);
+            l.count
+                .paused
+                .store(false, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -750,7 +761,9 @@ impl Inner {
                 let _ = self.epoll.delete(fd.as_fd());
             }
         }
-        l.count.paused.store(false, std::sync::atomic::Ordering::SeqCst);
+        l.count
+            .paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         self.release_index(&l.key, l.index);
         if self.channel.is_none() {
             return;

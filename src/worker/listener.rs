@@ -169,7 +169,11 @@ impl Listener {
     /// fds, kept for the worker's life): that is the error this may return.
     pub fn set_max_connections(&self, max: Option<usize>) -> io::Result<()> {
         let mut inner = self.inner.borrow_mut();
-        let shared = inner.listener(self.idx).ok_or_else(closed)?.shared.is_some();
+        let shared = inner
+            .listener(self.idx)
+            .ok_or_else(closed)?
+            .shared
+            .is_some();
         if max.is_some() && shared {
             inner.ensure_waker()?;
         }
@@ -240,7 +244,12 @@ pub struct Incoming<'a> {
 impl Iterator for Incoming<'_> {
     type Item = io::Result<Stream>;
     fn next(&mut self) -> Option<Self::Item> {
-        match self.listener.inner.borrow_mut().accept_on(self.listener.idx) {
+        match self
+            .listener
+            .inner
+            .borrow_mut()
+            .accept_on(self.listener.idx)
+        {
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => None,
             other => Some(other),
         }

@@ -243,9 +243,7 @@ impl Worker {
     /// # }
     /// ```
     pub fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        self.inner
-            .borrow_mut()
-            .send(Kind::User, 0, 0, bytes, fds)
+        self.inner.borrow_mut().send(Kind::User, 0, 0, bytes, fds)
     }
 
     /// Blocks for the next message from the primary, with its fds.
