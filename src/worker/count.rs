@@ -15,11 +15,20 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 
-/// The worker's total, and the write end of its wake socketpair once made.
+/// The worker's total, and its wake socketpair once made.
 #[derive(Debug, Default)]
 pub(super) struct WorkerCount {
     pub(super) open: AtomicUsize,
-    pub(super) waker: OnceLock<UnixStream>,
+    pub(super) waker: OnceLock<Waker>,
+}
+
+/// Both ends, non-blocking. The read end lives as long as the write end,
+/// so a guard never writes to a closed peer (no `SIGPIPE` in a program that
+/// does not ignore it, a C one say), even after the worker is gone.
+#[derive(Debug)]
+pub(super) struct Waker {
+    pub(super) read: UnixStream,
+    pub(super) write: UnixStream,
 }
 
 /// One listener's count.
@@ -81,7 +90,7 @@ impl Drop for OpenGuard {
         if c.paused.load(SeqCst) {
             if let Some(w) = c.worker.waker.get() {
                 // Non-blocking: a full socket is already readable.
-                let _ = (&*w).write(&[1]);
+                let _ = (&w.write).write(&[1]);
             }
         }
     }

@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::count::{ListenerCount, WorkerCount};
+use super::count::{ListenerCount, Waker, WorkerCount};
 use super::listener::ListenerState;
 use super::{Event, Stream};
 use crate::ipc::channel::{Channel, Frame, Recv};
@@ -55,9 +55,9 @@ pub(super) struct Inner {
     next_req: u32,
     /// Listeners whose queue has connections, round robin among them.
     ready_cursor: usize,
+    /// Open connections, and the wake socketpair once a shared listener
+    /// got a cap.
     pub(super) counts: Arc<WorkerCount>,
-    /// Read end of the wake socketpair, once a shared listener got a cap.
-    waker: Option<UnixStream>,
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -107,7 +107,6 @@ impl Inner {
             next_req: 1,
             ready_cursor: 0,
             counts: Arc::new(WorkerCount::default()),
-            waker: None,
         })
     }
 
@@ -489,17 +488,16 @@ impl Inner {
     /// Makes the wake socketpair (once): a stream of a capped shared
     /// listener, dropped anywhere, wakes the loop through it.
     pub(super) fn ensure_waker(&mut self) -> io::Result<()> {
-        if self.waker.is_some() {
+        if self.counts.waker.get().is_some() {
             return Ok(());
         }
-        let (r, w) = sys::socket::socketpair()?;
-        let (r, w) = (UnixStream::from(r), UnixStream::from(w));
-        r.set_nonblocking(true)?;
-        w.set_nonblocking(true)?;
-        self.epoll.add(r.as_fd(), epoll::READABLE, TOKEN_WAKE)?;
-        // Set once per worker, here: `waker` is None, so this one is free.
-        let _ = self.counts.waker.set(w);
-        self.waker = Some(r);
+        let (read, write) = sys::socket::socketpair()?;
+        let (read, write) = (UnixStream::from(read), UnixStream::from(write));
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        self.epoll.add(read.as_fd(), epoll::READABLE, TOKEN_WAKE)?;
+        // Only this thread sets it, and it was empty just above.
+        let _ = self.counts.waker.set(Waker { read, write });
         Ok(())
     }
 
@@ -532,9 +530,9 @@ impl Inner {
     /// Ends the rests that are over, puts listeners under their cap back in
     /// the epoll and those at it out; returns when the next rest ends.
     pub(super) fn resume_listeners(&mut self) -> Option<Instant> {
-        if let Some(w) = &self.waker {
+        if let Some(w) = self.counts.waker.get() {
             let mut buf = [0u8; 64];
-            while matches!((&*w).read(&mut buf), Ok(n) if n > 0) {}
+            while matches!((&w.read).read(&mut buf), Ok(n) if n > 0) {}
         }
         let now = Instant::now();
         let mut next: Option<Instant> = None;
@@ -677,8 +675,8 @@ impl Inner {
         if let Some(fd) = l.filter(|l| l.in_epoll).and_then(|l| l.shared.as_ref()) {
             fds.push((fd.as_fd(), poll::IN));
         }
-        if let Some(w) = &self.waker {
-            fds.push((w.as_fd(), poll::IN));
+        if let Some(w) = self.counts.waker.get() {
+            fds.push((w.read.as_fd(), poll::IN));
         }
         let timeout = rest.map(|at| at.saturating_duration_since(Instant::now()));
         let mut rev = [0i16; 3];

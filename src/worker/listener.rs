@@ -106,7 +106,9 @@ impl Listener {
     }
 
     /// Waits for the next connection and returns it with the peer's
-    /// address, as std's `TcpListener::accept` does.
+    /// address (`getpeername(2)`), as std's `TcpListener::accept` does. A
+    /// connection the client reset before it was taken (no peer any more)
+    /// is dropped and the next one awaited.
     ///
     /// Meanwhile whatever else arrives (messages, the disconnect request,
     /// connections for other listeners) is kept for
@@ -131,9 +133,15 @@ impl Listener {
     /// # }
     /// ```
     pub fn accept(&self) -> io::Result<(Stream, SocketAddr)> {
-        let stream = self.inner.borrow_mut().accept_on(self.idx)?;
-        let peer = stream.peer_addr()?;
-        Ok((stream, peer))
+        loop {
+            let stream = self.inner.borrow_mut().accept_on(self.idx)?;
+            match stream.peer_addr() {
+                Ok(peer) => return Ok((stream, peer)),
+                // Reset by the client before we got to it: take the next.
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// An iterator over connections, as std's `TcpListener::incoming`: each
