@@ -70,3 +70,24 @@ impl fmt::Display for SocketAddr {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_follows_std_and_names_each_kind_of_unix_address() {
+        let v4: net::SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let v6: net::SocketAddr = "[::1]:8000".parse().unwrap();
+        assert_eq!(SocketAddr::from(v4).to_string(), "127.0.0.1:8000");
+        assert_eq!(SocketAddr::from(v6).to_string(), "[::1]:8000");
+        let path = unix::SocketAddr::from_pathname("/run/app.sock").unwrap();
+        assert_eq!(SocketAddr::from(path).to_string(), "/run/app.sock");
+        let abs = unix::SocketAddr::from_abstract_name(b"app\n").unwrap();
+        assert_eq!(SocketAddr::from(abs).to_string(), "@app\\n");
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let unnamed = SocketAddr::from(a.local_addr().unwrap());
+        assert_eq!(unnamed.to_string(), "(unnamed)");
+        assert!(unnamed.as_unix().is_some() && unnamed.as_inet().is_none());
+    }
+}

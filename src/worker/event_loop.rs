@@ -239,7 +239,10 @@ impl Inner {
             count: ListenerCount::new(&self.counts),
             queue: VecDeque::new(),
         }));
-        self.send(Kind::Listening, 0, handle, &[], &[])?;
+        if let Err(e) = self.send(Kind::Listening, 0, handle, &[], &[]) {
+            self.close_listener(idx);
+            return Err(e);
+        }
         // The blocking reply read may have pulled in later frames too.
         if self.channel.as_ref().is_some_and(Channel::has_buffered) {
             self.read_channel(false)?;
@@ -411,15 +414,8 @@ impl Inner {
         }
     }
 
-    /// How long a foreign loop may wait before calling `try_next_event`.
+    /// Time left until the first resting listener is watched again.
     pub(super) fn poll_timeout(&self) -> Option<Duration> {
-        let ready = !self.pending.is_empty()
-            || self.listeners.iter().flatten().any(|l| !l.queue.is_empty())
-            || (self.disconnecting() && !self.disconnect_reported)
-            || self.channel.as_ref().is_some_and(Channel::has_buffered);
-        if ready {
-            return Some(Duration::ZERO);
-        }
         let now = Instant::now();
         self.listeners
             .iter()

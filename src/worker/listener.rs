@@ -211,7 +211,9 @@ impl Listener {
 /// when a frame arrives on the channel (connections are handed over in
 /// frames); in shared mode, also when the listening socket is readable,
 /// except while the listener is at its cap or resting after `EMFILE` (it is
-/// out of the epoll then, so a foreign loop does not spin). It is also
+/// out of the epoll then, so a foreign loop does not spin; wait no longer
+/// than [`Worker::poll_timeout`](super::Worker::poll_timeout) for a rest to
+/// end). It is also
 /// readable for whatever else the worker watches (messages, other
 /// listeners, fds given to [`Worker::register`](super::Worker::register)):
 /// [`Listener::accept`] in non-blocking mode then fails with `WouldBlock`.

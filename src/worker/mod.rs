@@ -390,10 +390,12 @@ impl Worker {
     }
 
     /// How long a foreign loop may wait for the worker's fd before calling
-    /// [`Worker::try_next_event`] again: `Some(Duration::ZERO)` while events
-    /// are ready to be taken, the time left until a shared listener resting
-    /// after `EMFILE` is watched again, `None` when only the fd's
-    /// readability matters.
+    /// [`Worker::try_next_event`] (or a non-blocking [`Listener::accept`])
+    /// again: the time left until a shared listener that rests after
+    /// `EMFILE` (out of the epoll, so the fd does not say when) is watched
+    /// again; `None` when the fd's readability is all that matters. Valid
+    /// once `try_next_event` returned `Ok(None)`: events taken out of the
+    /// channel and not yet returned do not make the fd readable.
     pub fn poll_timeout(&self) -> Option<Duration> {
         self.inner.borrow().poll_timeout()
     }

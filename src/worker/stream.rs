@@ -221,3 +221,50 @@ impl AsRawFd for Stream {
         self.as_fd().as_raw_fd()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::count::WorkerCount;
+    use std::sync::atomic::Ordering::SeqCst;
+
+    fn pair(count: &Arc<ListenerCount>) -> (Stream, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Stream::new(OwnedFd::from(a), true, count), b)
+    }
+
+    #[test]
+    fn a_stream_counts_open_until_dropped_or_taken_out() {
+        let worker = Arc::new(WorkerCount::default());
+        let count = ListenerCount::new(&worker);
+        let (s1, _p1) = pair(&count);
+        let (s2, mut p2) = pair(&count);
+        assert_eq!((count.open(), worker.open.load(SeqCst)), (2, 2));
+        // Read and Write through a shared reference, as std's streams.
+        (&s2).write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        p2.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        assert!(s2.as_unix().is_some() && s2.as_tcp().is_none());
+        drop(s1);
+        assert_eq!((count.open(), worker.open.load(SeqCst)), (1, 1));
+        let s2 = s2.into_tcp().expect_err("a Unix stream is not TCP");
+        let std_stream = s2.into_unix().unwrap();
+        assert_eq!((count.open(), worker.open.load(SeqCst)), (0, 0));
+        // Still open: it only stopped counting.
+        (&std_stream).write_all(b"x").unwrap();
+    }
+
+    #[test]
+    fn a_full_listener_is_paused_until_a_stream_drops() {
+        let worker = Arc::new(WorkerCount::default());
+        let count = ListenerCount::new(&worker);
+        let (s1, _p1) = pair(&count);
+        assert!(count.pause_if_full(Some(1)));
+        assert!(count.paused.load(SeqCst));
+        drop(s1);
+        assert!(!count.pause_if_full(Some(1)));
+        assert!(!count.paused.load(SeqCst));
+        assert!(!count.pause_if_full(None));
+    }
+}
