@@ -72,7 +72,8 @@
 //! Every worker handles these messages from the primary (in every mode that
 //! runs the loop): `echo X` → sends `echo:X`; a message with fds → reads each
 //! fd to EOF, sends `fdread:<content>`; `exit N` → process exit N;
-//! `disconnect` → `worker.disconnect()` then exit 0; `env NAME` →
+//! `disconnect [MS]` → `worker.disconnect()`, then (if MS is given) sleeps
+//! MS milliseconds with the channel closed, then exit 0; `env NAME` →
 //! `env:<value or <unset>>`; `cwd` → `cwd:<path>`; `argv` → `argv:<args after
 //! argv0, space-joined>`; `fdlist` → `fdlist:<sorted /proc/self/fd numbers,
 //! comma-joined>`; `close` → drops all listeners, sends `closed`; `relisten` →
@@ -88,7 +89,12 @@
 //! worker=<bool> id=<id|none>`;
 //! `big ...` (what `sendbig` sends) → sends `big:<length>`; `sendbig N` →
 //! sends a message of N bytes (`big ` then `x`s) and then `sendbig-ok:N`, or
-//! on error `sendbig-err:<io::ErrorKind debug>:<message>`.
+//! on error `sendbig-err:<io::ErrorKind debug>:<message>`; `release` → drops the connections held
+//! under `PROBE_HOLD`, sends `released:<n>`; `release-later MS` → sends
+//! `releasing:<n>` and hands them to a thread that drops them MS
+//! milliseconds later, while the worker waits; `open` →
+//! `open:<worker.open_connections()>:<each listener's open_connections(),
+//! comma-joined>`.
 //! Anything else → `unknown:<text>`.
 //!
 //! On `Event::Disconnect`: sends `served:<n>` (connections served) then exits
@@ -106,12 +112,24 @@
 //! - `listen`: listens on every comma-separated address in `PROBE_ADDR`
 //!   (default `127.0.0.1:0`), with `PROBE_BACKLOG` if set; a listen error sends
 //!   `listen-error:<addr>:<io::ErrorKind debug>:<message>` and goes on; success
-//!   sends `listening:<resolved addr>`. Then the `worker.next_event()` loop: on
-//!   `Connection(_, stream)`: if `PROBE_SLOW_MS` is set sleep that long; write
-//!   `worker <id>\n`, close; count it. For a Unix listener the same line is
+//!   sends `listening:<resolved addr>`. `PROBE_MAX_CONN=N` caps each
+//!   listener (`set_max_connections(Some(N))`). Then the `worker.next_event()`
+//!   loop: on `Connection { stream, .. }`: if `PROBE_SLOW_MS` is set sleep
+//!   that long; write `worker <id>\n`, close (with `PROBE_HOLD` set: keep it
+//!   open until `release`); count it. For a Unix listener the same line is
 //!   written.
+//! - `foreign`: `listen`, but the loop is the probe's own: `poll(2)` (the
+//!   crate's `sys::poll`) on `worker.as_fd()` for at most
+//!   `worker.poll_timeout()`, then `worker.try_next_event()` until `None`;
+//!   events are handled as in `listen`.
+//! - `foreign-accept`: one listener on PROBE_ADDR in non-blocking mode,
+//!   sends `listening:<addr>`; `poll(2)` on `listener.as_fd()`, then
+//!   `listener.accept()` until `WouldBlock`; each connection sends
+//!   `peer:<peer address>` and is served as in `listen`. `ConnectionAborted`
+//!   (disconnect) sends `served:<n>` and exits 0. Messages are not read.
 //! - `accept`: the simplest worker: one listener on PROBE_ADDR,
-//!   `for s in listener.incoming()` write `worker <id>\n`; after the loop ends
+//!   `for s in listener.incoming()` write `worker <id>\n` (`PROBE_HOLD`:
+//!   keep it open); after the loop ends
 //!   send `served:<n>` and exit 0. (A listen error sends `listen-error:...`
 //!   and exits 1.)
 //! - `hang`: listens on PROBE_ADDR, takes one connection and then sleeps
@@ -147,7 +165,7 @@ use std::time::Duration;
 
 use syncluster::ipc::wire::{Header, Kind};
 use syncluster::primary::{Event, ExitStatus, ListenRules, State, TcpRule, ENV_CHANNEL_FD};
-use syncluster::worker::{Event as WorkerEvent, Interest, Listener};
+use syncluster::worker::{Event as WorkerEvent, Interest, Listener, Stream};
 use syncluster::{sys, Policy, Primary, Role, Signal, Worker};
 
 /// The token stdin is registered with in the primary's loop.
@@ -607,6 +625,9 @@ struct Probe {
     served: u64,
     /// Files held open by `hogfds`.
     hogged: Vec<File>,
+    /// `PROBE_HOLD`: connections kept open after their line was written.
+    hold: bool,
+    held: Vec<Stream>,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -644,6 +665,8 @@ fn run_worker(worker: Worker, mode: &str) -> io::Result<()> {
         listeners: Vec::new(),
         served: 0,
         hogged: Vec::new(),
+        hold: std::env::var_os("PROBE_HOLD").is_some(),
+        held: Vec::new(),
     };
     match mode {
         "idle" => probe.run(),
@@ -653,11 +676,16 @@ fn run_worker(worker: Worker, mode: &str) -> io::Result<()> {
             probe.run()
         }
         "accept" => probe.accept_loop(),
+        "foreign" => {
+            probe.listen_all()?;
+            probe.foreign_loop()
+        }
+        "foreign-accept" => probe.foreign_accept(),
         "hang" => {
             let addr = env_or("PROBE_ADDR", "127.0.0.1:0");
             let listener = probe.worker.listen(&addr)?;
             // Hold the listener and the connection, answer nothing.
-            let _held = (&listener, listener.accept_stream()?);
+            let _held = (&listener, listener.accept()?);
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
@@ -680,7 +708,10 @@ impl Probe {
         for addr in env_or("PROBE_ADDR", "127.0.0.1:0").split(',') {
             match self.worker.listen_with_backlog(addr, backlog) {
                 Ok(l) => {
-                    self.say(&format!("listening:{}", l.address()))?;
+                    if let Some(max) = env_num("PROBE_MAX_CONN") {
+                        l.set_max_connections(Some(max))?;
+                    }
+                    self.say(&format!("listening:{}", l.local_addr()?))?;
                     self.listeners.push(l);
                 }
                 Err(e) => self.say(&format!("listen-error:{addr}:{:?}:{e}", e.kind()))?,
@@ -690,23 +721,75 @@ impl Probe {
     }
 
     fn run(&mut self) -> io::Result<()> {
-        let slow = env_num::<u64>("PROBE_SLOW_MS").map(Duration::from_millis);
         loop {
-            match self.worker.next_event()? {
-                WorkerEvent::Connection(_, mut stream) => {
-                    if let Some(d) = slow {
-                        std::thread::sleep(d);
-                    }
-                    // The client may be gone already; that is its business.
-                    let _ = writeln!(stream, "worker {}", self.worker.id());
-                    self.served += 1;
+            let event = self.worker.next_event()?;
+            self.on_event(event)?;
+        }
+    }
+
+    fn on_event(&mut self, event: WorkerEvent) -> io::Result<()> {
+        match event {
+            WorkerEvent::Connection { stream, .. } => self.serve(stream),
+            WorkerEvent::Message { bytes, fds } => self.on_message(&bytes, fds)?,
+            WorkerEvent::Disconnect => {
+                let _ = self.say(&format!("served:{}", self.served));
+                exit(env_num("PROBE_DISCONNECT_CODE").unwrap_or(0));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Writes `worker <id>` (after `PROBE_SLOW_MS`), then closes the
+    /// connection or, with `PROBE_HOLD`, keeps it open.
+    fn serve(&mut self, mut stream: Stream) {
+        if let Some(ms) = env_num::<u64>("PROBE_SLOW_MS") {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        // The client may be gone already; that is its business.
+        let _ = writeln!(stream, "worker {}", self.worker.id());
+        self.served += 1;
+        if self.hold {
+            self.held.push(stream);
+        }
+    }
+
+    /// The worker inside a loop of the program's own: `poll(2)` on the
+    /// worker's fd, then `try_next_event` until it has nothing.
+    fn foreign_loop(&mut self) -> io::Result<()> {
+        loop {
+            while let Some(event) = self.worker.try_next_event()? {
+                self.on_event(event)?;
+            }
+            let timeout = self.worker.poll_timeout();
+            let mut rev = [0i16; 1];
+            sys::poll::poll(&[(self.worker.as_fd(), sys::poll::IN)], &mut rev, timeout)?;
+        }
+    }
+
+    /// One listener in non-blocking mode, in a loop of the program's own:
+    /// `poll(2)` on the listener's fd, then `accept` until `WouldBlock`.
+    fn foreign_accept(&mut self) -> io::Result<()> {
+        let addr = env_or("PROBE_ADDR", "127.0.0.1:0");
+        let listener = self.worker.listen(&addr)?;
+        listener.set_nonblocking(true)?;
+        self.say(&format!("listening:{}", listener.local_addr()?))?;
+        loop {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    self.say(&format!("peer:{peer}"))?;
+                    self.serve(stream);
                 }
-                WorkerEvent::Message(bytes, fds) => self.on_message(&bytes, fds)?,
-                WorkerEvent::Disconnect => {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let timeout = self.worker.poll_timeout();
+                    let mut rev = [0i16; 1];
+                    sys::poll::poll(&[(listener.as_fd(), sys::poll::IN)], &mut rev, timeout)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {
                     let _ = self.say(&format!("served:{}", self.served));
-                    exit(env_num("PROBE_DISCONNECT_CODE").unwrap_or(0));
+                    exit(0);
                 }
-                WorkerEvent::Ready(..) => {}
+                Err(e) => return Err(e),
             }
         }
     }
@@ -725,6 +808,9 @@ impl Probe {
             let Ok(mut stream) = stream else { break };
             let _ = writeln!(stream, "worker {id}");
             self.served += 1;
+            if self.hold {
+                self.held.push(stream);
+            }
         }
         let _ = self.say(&format!("served:{}", self.served));
         exit(0);
@@ -745,7 +831,37 @@ impl Probe {
             "exit" => exit(arg.trim().parse().unwrap_or(1)),
             "disconnect" => {
                 self.worker.disconnect()?;
+                if let Ok(ms) = arg.trim().parse() {
+                    // Alive with the channel closed: the primary must have
+                    // reported the disconnect already.
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
                 exit(0);
+            }
+            "release" => {
+                let n = self.held.len();
+                self.held.clear();
+                self.say(&format!("released:{n}"))
+            }
+            "release-later" => {
+                let held = std::mem::take(&mut self.held);
+                let ms = arg.trim().parse().unwrap_or(0);
+                self.say(&format!("releasing:{}", held.len()))?;
+                // Dropped on another thread while the worker waits.
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    drop(held);
+                });
+                Ok(())
+            }
+            "open" => {
+                let per: Vec<String> = self
+                    .listeners
+                    .iter()
+                    .map(|l| l.open_connections().to_string())
+                    .collect();
+                let total = self.worker.open_connections();
+                self.say(&format!("open:{total}:{}", per.join(",")))
             }
             "env" => {
                 let value = std::env::var(arg).unwrap_or_else(|_| "<unset>".to_string());

@@ -528,6 +528,37 @@ fn worker_initiated_disconnect_reports_ead() {
     reported_once(&mut p, id);
 }
 
+/// As Node's worker does after the primary's ack, `worker.disconnect()`
+/// closes the channel: the primary reports `disconnect <id>` (state
+/// disconnected) while the worker process still lives (it sleeps 3 s after
+/// the call), and the exit, ead=true, comes only later.
+#[test]
+fn worker_disconnect_closes_the_channel_while_the_process_lives() {
+    let mut p = Probe::start();
+    let id = p.fork_online("");
+    let pid = p.worker_pids()[0].1;
+    p.ask(&format!("send {id} disconnect 3000"), "ok send");
+    let t0 = Instant::now();
+    p.expect_line(&format!("disconnect {id}"), T);
+    assert!(
+        is_alive(pid),
+        "worker {id} exited before the primary saw its disconnect"
+    );
+    assert!(
+        p.position(format!("exit {id} ")).is_none(),
+        "exit before disconnect: {:?}",
+        p.log()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "the disconnect took {:?}: the primary waited for the process to end",
+        t0.elapsed()
+    );
+    assert_eq!(p.workers(), format!("{id}:disconnected:true:0"));
+    p.expect_line(&format!("exit {id} code=0 ead=true"), T);
+    reported_once(&mut p, id);
+}
+
 /// A missing program: the fork fails with ENOENT, and leaves no fd, no
 /// worker and no zombie behind; fixing the setting makes forks work again.
 #[test]

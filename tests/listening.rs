@@ -70,7 +70,12 @@ fn fork(p: &mut Probe, env: &str) -> u32 {
 /// event and its own `listening:` message (one per address); returns the
 /// id and the addresses in the order of the events.
 fn fork_listening(p: &mut Probe, env: &str, listeners: usize) -> (u32, Vec<String>) {
-    let id = fork(p, &format!("PROBE_MODE=listen {env}"));
+    fork_in_mode(p, "listen", env, listeners)
+}
+
+/// [`fork_listening`] with another `PROBE_MODE`.
+fn fork_in_mode(p: &mut Probe, mode: &str, env: &str, listeners: usize) -> (u32, Vec<String>) {
+    let id = fork(p, &format!("PROBE_MODE={mode} {env}"));
     let mut addrs = Vec::new();
     for _ in 0..listeners {
         addrs.push(listening_event(p, id));
@@ -228,6 +233,38 @@ fn worker_of(answer: &str) -> Option<u32> {
 fn answered(addr: SocketAddr) -> u32 {
     let a = ask(addr).unwrap_or_else(|e| panic!("connection to {addr}: {e}"));
     worker_of(&a).unwrap_or_else(|| panic!("{addr} answered {a:?}, not `worker <id>`"))
+}
+
+/// Connects and reads the first line only: the connection stays open.
+fn hold_line(addr: SocketAddr) -> (TcpStream, String) {
+    let s = TcpStream::connect_timeout(&addr, CLIENT)
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let line = read_line(&s).unwrap_or_else(|e| panic!("line from {addr}: {e}"));
+    (s, line)
+}
+
+/// Reads up to a newline (or EOF), within the stream's read timeout
+/// (`CLIENT` unless set).
+fn read_line(mut s: &TcpStream) -> io::Result<String> {
+    if s.read_timeout()?.is_none() {
+        s.set_read_timeout(Some(CLIENT))?;
+    }
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b)? == 1 {
+        out.push(b[0]);
+        if b[0] == b'\n' {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// `send <id> open` → (`worker.open_connections()`, each listener's count).
+fn open_of(p: &mut Probe, id: u32) -> String {
+    p.cmd(&format!("send {id} open"));
+    p.expect_line("ok send", STEP);
+    message(p, id, "open:")
 }
 
 /// Asserts that nothing listens on `addr` any more.
@@ -1021,4 +1058,231 @@ fn connections_one_worker_rejects_are_served_by_the_other() {
     assert_eq!(exits[&starved], "code=0 ead=true");
     assert_eq!(message(&mut p, good, "served:"), "20");
     assert_eq!(message(&mut p, starved, "served:"), "0");
+}
+
+// ---------------------------------------------------------------------------
+// Node's server.maxConnections (test-net-server-drop-connection, in a cluster)
+// ---------------------------------------------------------------------------
+
+/// Worker a (cap 1) holds one connection open: every new connection goes to
+/// worker b and is served, a's open count stays 1; once a drops its
+/// connection, its count is 0 again.
+fn max_connections(pol: Pol) {
+    let mut p = start(pol);
+    let capped = "PROBE_ADDR=127.0.0.1:0 PROBE_MAX_CONN=1 PROBE_HOLD=1";
+    let (a, addrs) = fork_listening(&mut p, capped, 1);
+    let addr = sockaddr(&addrs[0]);
+    // Alone, a takes the first connection, and holds it.
+    let (_held, line) = hold_line(addr);
+    assert_eq!(worker_of(&line), Some(a), "{line:?}");
+    let (b, _) = fork_listening(&mut p, "PROBE_ADDR=127.0.0.1:0", 1);
+    assert_eq!(open_of(&mut p, a), "1:1");
+    for i in 0..20 {
+        assert_eq!(answered(addr), b, "connection {i} while {a} is at its cap");
+    }
+    assert_eq!(open_of(&mut p, a), "1:1");
+    assert_eq!(open_of(&mut p, b), "0:0", "b closes what it serves");
+    p.cmd(&format!("send {a} release"));
+    p.expect_line("ok send", STEP);
+    assert_eq!(message(&mut p, a, "released:"), "1");
+    assert_eq!(open_of(&mut p, a), "0:0");
+    wait_workers(&mut p, STEP, |w| w.iter().all(|i| i.inflight == 0));
+    p.expect_none("error ", Duration::from_millis(50));
+    let exits = disconnect_all(&mut p, &[a, b]);
+    assert_eq!(exits[&a], "code=0 ead=true");
+    assert_eq!(exits[&b], "code=0 ead=true");
+    assert_eq!(message(&mut p, a, "served:"), "1");
+    assert_eq!(message(&mut p, b, "served:"), "20");
+}
+
+both_policies!(max_connections: connections_go_to_the_worker_below_its_cap_rr, connections_go_to_the_worker_below_its_cap_shared);
+
+/// Both workers at their cap (1, each holding a connection). Round robin:
+/// a new connection is rejected by both and closed once, at once, not
+/// hung. Shared: it waits in the backlog, unanswered, until a worker drops
+/// a connection; then that worker serves it. Either way, once a frees its
+/// slot, a serves the next one.
+fn every_worker_at_its_cap(pol: Pol) {
+    let mut p = start(pol);
+    let capped = "PROBE_ADDR=127.0.0.1:0 PROBE_MAX_CONN=1 PROBE_HOLD=1";
+    let (a, addrs) = fork_listening(&mut p, capped, 1);
+    let addr = sockaddr(&addrs[0]);
+    let (_held_a, line) = hold_line(addr);
+    assert_eq!(worker_of(&line), Some(a), "{line:?}");
+    let (b, _) = fork_listening(&mut p, capped, 1);
+    let (_held_b, line) = hold_line(addr);
+    assert_eq!(worker_of(&line), Some(b), "{line:?}: a is at its cap");
+    let waiting = match pol {
+        Pol::Rr => {
+            for i in 0..5 {
+                let t0 = Instant::now();
+                let out = ask(addr).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                assert_eq!(
+                    out, "",
+                    "connection {i} served while every worker is at its cap"
+                );
+                assert!(
+                    t0.elapsed() < Duration::from_secs(2),
+                    "connection {i} took {:?} to be closed",
+                    t0.elapsed()
+                );
+            }
+            wait_workers(&mut p, STEP, |w| w.iter().all(|i| i.inflight == 0));
+            None
+        }
+        Pol::Shared => {
+            let s = TcpStream::connect_timeout(&addr, CLIENT).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut buf = [0u8; 16];
+            match (&s).read(&mut buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                other => panic!("a connection past every cap was not left waiting: {other:?}"),
+            }
+            s.set_read_timeout(Some(CLIENT)).unwrap();
+            Some(s)
+        }
+    };
+    p.cmd(&format!("send {a} release"));
+    p.expect_line("ok send", STEP);
+    assert_eq!(message(&mut p, a, "released:"), "1");
+    let (_held_again, line) = match waiting {
+        // The waiting one, woken by the slot a freed.
+        Some(s) => {
+            let line = read_line(&s).unwrap();
+            (s, line)
+        }
+        None => hold_line(addr),
+    };
+    assert_eq!(worker_of(&line), Some(a), "{line:?}: only a has room");
+    p.expect_none("error ", Duration::from_millis(50));
+    assert_echo(&mut p, a, "alive-a");
+    assert_echo(&mut p, b, "alive-b");
+    let exits = disconnect_all(&mut p, &[a, b]);
+    assert_eq!(exits[&a], "code=0 ead=true");
+    assert_eq!(exits[&b], "code=0 ead=true");
+}
+
+both_policies!(every_worker_at_its_cap: connection_past_every_cap_is_closed_once_rr, connection_past_every_cap_waits_for_a_free_slot_shared);
+
+// ---------------------------------------------------------------------------
+// A worker inside a foreign loop
+// ---------------------------------------------------------------------------
+
+/// The probe's `foreign` mode polls `worker.as_fd()` with `poll(2)` and
+/// drains `try_next_event()`: the fd becomes readable for connections and
+/// for messages, so everything is served and answered, and the disconnect
+/// arrives the same way.
+fn foreign_loop(pol: Pol) {
+    let mut p = start(pol);
+    let (w, addrs) = fork_in_mode(&mut p, "foreign", "PROBE_ADDR=127.0.0.1:0", 1);
+    let addr = sockaddr(&addrs[0]);
+    for i in 0..5 {
+        assert_eq!(answered(addr), w, "connection {i}");
+        assert_echo(&mut p, w, &format!("polled-{i}"));
+    }
+    let exits = disconnect_all(&mut p, &[w]);
+    assert_eq!(exits[&w], "code=0 ead=true");
+    assert_eq!(message(&mut p, w, "served:"), "5");
+}
+
+both_policies!(foreign_loop: worker_fd_drives_a_foreign_poll_loop_rr, worker_fd_drives_a_foreign_poll_loop_shared);
+
+/// Shared, in a foreign loop: a listener at its cap is out of the worker's
+/// epoll, and a stream dropped on another thread while the loop waits in
+/// `poll(2)` makes the worker's fd readable again, so the connection
+/// waiting in the backlog is served.
+#[test]
+fn worker_fd_wakes_when_a_capped_listener_frees_a_slot_shared() {
+    let mut p = start(Pol::Shared);
+    let env = "PROBE_ADDR=127.0.0.1:0 PROBE_MAX_CONN=1 PROBE_HOLD=1";
+    let (w, addrs) = fork_in_mode(&mut p, "foreign", env, 1);
+    let addr = sockaddr(&addrs[0]);
+    let (_held, line) = hold_line(addr);
+    assert_eq!(worker_of(&line), Some(w), "{line:?}");
+    let s = TcpStream::connect_timeout(&addr, CLIENT).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(read_line(&s).is_err(), "served past the cap");
+    s.set_read_timeout(Some(CLIENT)).unwrap();
+    p.cmd(&format!("send {w} release-later 200"));
+    p.expect_line("ok send", STEP);
+    assert_eq!(message(&mut p, w, "releasing:"), "1");
+    assert_eq!(worker_of(&read_line(&s).unwrap()), Some(w));
+    assert_eq!(open_of(&mut p, w), "1:1");
+}
+
+/// The probe's `foreign-accept` mode: one listener in non-blocking mode,
+/// `poll(2)` on `listener.as_fd()`, `accept()` until `WouldBlock`. Each
+/// connection is served, `accept` names the client's address as the peer,
+/// and the disconnect ends the loop with `ConnectionAborted`.
+fn foreign_accept(pol: Pol) {
+    let mut p = start(pol);
+    let (w, addrs) = fork_in_mode(&mut p, "foreign-accept", "PROBE_ADDR=127.0.0.1:0", 1);
+    let addr = sockaddr(&addrs[0]);
+    for i in 0..3 {
+        let s = TcpStream::connect_timeout(&addr, CLIENT).unwrap();
+        let me = s.local_addr().unwrap().to_string();
+        assert_eq!(
+            worker_of(&read_answer(s).unwrap()),
+            Some(w),
+            "connection {i}"
+        );
+        assert_eq!(message(&mut p, w, "peer:"), me, "connection {i}");
+    }
+    let exits = disconnect_all(&mut p, &[w]);
+    assert_eq!(exits[&w], "code=0 ead=true");
+    assert_eq!(message(&mut p, w, "served:"), "3");
+}
+
+both_policies!(foreign_accept: nonblocking_accept_in_a_foreign_loop_names_the_peer_rr, nonblocking_accept_in_a_foreign_loop_names_the_peer_shared);
+
+// ---------------------------------------------------------------------------
+// Worker-initiated disconnect
+// ---------------------------------------------------------------------------
+
+/// Round robin: connections handed to a worker that it has not taken when
+/// it calls `disconnect()` go back at once (rejected), and the other worker
+/// serves them while the first one still lives (it sleeps 8 s after the
+/// call, with its channel closed).
+#[test]
+fn worker_disconnect_hands_back_connections_not_taken_rr() {
+    let mut p = start(Pol::Rr);
+    set(&mut p, "window 4");
+    let (a, addrs) = fork_listening(&mut p, "PROBE_ADDR=127.0.0.1:0", 1);
+    let addr = sockaddr(&addrs[0]);
+    // a is deaf for 1.5 s: the connections handed to it wait in its channel,
+    // with the disconnect request behind them.
+    p.cmd(&format!("send {a} sleep 1500"));
+    p.expect_line("ok send", STEP);
+    message(&mut p, a, "sleeping:");
+    let clients: Vec<_> = (0..3).map(|_| ask_later(addr)).collect();
+    wait_workers(&mut p, STEP, |w| {
+        w.iter().any(|i| i.id == a && i.inflight == 3)
+    });
+    let (b, _) = fork_listening(&mut p, "PROBE_ADDR=127.0.0.1:0", 1);
+    p.cmd(&format!("send {a} disconnect 8000"));
+    p.expect_line("ok send", STEP);
+    message(&mut p, a, "slept:");
+    let t0 = Instant::now();
+    for (i, c) in clients.into_iter().enumerate() {
+        let out = c
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        assert_eq!(worker_of(&out), Some(b), "client {i}: {out:?}");
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "handed back only after {:?}",
+        t0.elapsed()
+    );
+    p.expect_line(&format!("disconnect {a}"), STEP);
+    assert!(p.position(format!("exit {a} ")).is_none(), "{:?}", p.log());
+    assert_eq!(answered(addr), b);
+    assert_eq!(exit_of(&mut p, a), "code=0 ead=true");
 }

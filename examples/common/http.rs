@@ -133,10 +133,10 @@ impl<'w> Server<'w> {
                 return Ok(());
             }
             match self.worker.next_event_timeout(wait)? {
-                Some(WorkerEvent::Connection(_, stream)) => self.accept(stream),
-                Some(WorkerEvent::Ready(token, ready)) => self.on_ready(token, ready),
+                Some(WorkerEvent::Connection { stream, .. }) => self.accept(stream),
+                Some(WorkerEvent::Ready { token, readiness }) => self.on_ready(token, readiness),
                 Some(WorkerEvent::Disconnect) => self.drain(),
-                Some(WorkerEvent::Message(..)) | None => {}
+                Some(_) | None => {}
             }
         }
     }
@@ -153,7 +153,7 @@ impl<'w> Server<'w> {
         if stream.set_nonblocking(true).is_err() {
             return;
         }
-        if let Stream::Tcp(s) = &stream {
+        if let Some(s) = stream.as_tcp() {
             // Each answer is one write: do not let Nagle hold it back.
             let _ = s.set_nodelay(true);
         }
@@ -525,10 +525,7 @@ impl Conn {
     }
 
     fn stream_shutdown(&self) -> io::Result<()> {
-        match &self.stream {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
-            Stream::Unix(s) => s.shutdown(Shutdown::Write),
-        }
+        self.stream.shutdown(Shutdown::Write)
     }
 }
 

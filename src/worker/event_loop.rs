@@ -1,0 +1,782 @@
+//! The worker's state and its one epoll loop: the channel to the primary,
+//! shared listening sockets, the wake socketpair (see `count.rs`) and the
+//! program's own fds.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::count::{ListenerCount, Waker, WorkerCount};
+use super::listener::ListenerState;
+use super::{Event, Stream};
+use crate::ipc::channel::{Channel, Frame, Recv};
+use crate::ipc::wire::Kind;
+use crate::protocol::{self, Endpoint, Policy, Query, REJECTED};
+use crate::readiness::Readiness;
+use crate::sys::{self, epoll, poll};
+
+const TOKEN_CHANNEL: u64 = 1 << 63;
+const TOKEN_WAKE: u64 = (1 << 63) | 1;
+const TOKEN_LISTENER: u64 = (1 << 63) | (1 << 62);
+/// Tokens of the program's own fds are below this.
+pub(super) const USER_TOKENS: u64 = 1 << 62;
+
+/// How long a shared listener rests after `accept` failed for want of
+/// resources (`EMFILE`...): it stays readable, so retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long a worker-initiated disconnect waits for the primary's ack.
+const DISCONNECT_ACK: Duration = Duration::from_secs(5);
+
+/// Everything the [`Worker`](super::Worker) and its listeners share: no
+/// threads, so a listener's `accept()` can read the channel and keep
+/// whatever else arrives for `next_event`.
+#[derive(Debug)]
+pub(super) struct Inner {
+    pub(super) id: u32,
+    /// The primary's pid, from SO_PEERCRED at adoption.
+    pub(super) primary_pid: i32,
+    /// `None` once closed: EOF from the primary, or our own disconnect.
+    channel: Option<Channel>,
+    pub(super) epoll: Rc<epoll::Epoll>,
+    events_buf: epoll::Events,
+    listeners: Vec<Option<ListenerState>>,
+    indexes: HashMap<String, Vec<u32>>,
+    pending: VecDeque<Event>,
+    disconnect_requested: bool,
+    disconnect_reported: bool,
+    acked: Vec<u32>,
+    next_req: u32,
+    /// Listeners whose queue has connections, round robin among them.
+    ready_cursor: usize,
+    /// Open connections, and the wake socketpair once a shared listener
+    /// got a cap.
+    pub(super) counts: Arc<WorkerCount>,
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+pub(super) fn disconnecting() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "worker is disconnecting: no more connections",
+    )
+}
+
+fn channel_closed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the channel to the primary is closed (disconnected, or the primary died)",
+    )
+}
+
+/// `ECONNABORTED` (Linux number: this module names no libc): a connection
+/// reset while in the backlog; the next one may be fine.
+fn accept_retry(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(103)
+}
+
+type Reply = Result<(u32, Policy, String, Option<OwnedFd>), io::Error>;
+
+impl Inner {
+    pub(super) fn new(id: u32, primary_pid: i32, fd: OwnedFd) -> io::Result<Inner> {
+        let mut channel = Channel::new(fd, false);
+        channel.send(Kind::Online, 0, 0, &[], &[])?;
+        let epoll = epoll::Epoll::new()?;
+        epoll.add(channel.as_fd(), epoll::READABLE, TOKEN_CHANNEL)?;
+        Ok(Inner {
+            id,
+            primary_pid,
+            channel: Some(channel),
+            epoll: Rc::new(epoll),
+            events_buf: epoll::Events::with_capacity(64),
+            listeners: Vec::new(),
+            indexes: HashMap::new(),
+            pending: VecDeque::new(),
+            disconnect_requested: false,
+            disconnect_reported: false,
+            acked: Vec::new(),
+            next_req: 1,
+            ready_cursor: 0,
+            counts: Arc::new(WorkerCount::default()),
+        })
+    }
+
+    pub(super) fn disconnecting(&self) -> bool {
+        self.disconnect_requested || self.channel.is_none()
+    }
+
+    pub(super) fn channel_fd(&self) -> io::Result<BorrowedFd<'_>> {
+        self.channel
+            .as_ref()
+            .map(|c| c.as_fd())
+            .ok_or_else(channel_closed)
+    }
+
+    pub(super) fn send(
+        &mut self,
+        kind: Kind,
+        flags: u8,
+        seq: u32,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> io::Result<()> {
+        self.channel
+            .as_mut()
+            .ok_or_else(channel_closed)?
+            .send(kind, flags, seq, payload, fds)
+    }
+
+    // Acknowledgements and rejections: if the primary is gone, the
+    // connection is still ours to serve (or drop), so no error; the channel
+    // is closed as at EOF.
+    fn send_reply(&mut self, flags: u8, handle: u32, ids: &[u32]) {
+        if self.channel.is_none() {
+            return;
+        }
+        let mut body = Vec::with_capacity(ids.len() * 4);
+        protocol::encode_ids(ids, &mut body);
+        if self
+            .send(Kind::ConnReply, flags, handle, &body, &[])
+            .is_err()
+        {
+            self.close_channel();
+        }
+    }
+
+    fn close_channel(&mut self) {
+        if let Some(ch) = self.channel.take() {
+            let _ = self.epoll.delete(ch.as_fd());
+        }
+    }
+
+    pub(super) fn listener(&self, idx: usize) -> Option<&ListenerState> {
+        self.listeners.get(idx).and_then(Option::as_ref)
+    }
+
+    pub(super) fn listener_mut(&mut self, idx: usize) -> Option<&mut ListenerState> {
+        self.listeners.get_mut(idx).and_then(Option::as_mut)
+    }
+
+    pub(super) fn pending_message(&mut self) -> Option<(Vec<u8>, Vec<OwnedFd>)> {
+        let pos = self
+            .pending
+            .iter()
+            .position(|e| matches!(e, Event::Message { .. }))?;
+        match self.pending.remove(pos) {
+            Some(Event::Message { bytes, fds }) => Some((bytes, fds)),
+            _ => None,
+        }
+    }
+
+    fn release_index(&mut self, key: &str, index: u32) {
+        if let Some(v) = self.indexes.get_mut(key) {
+            v.retain(|&i| i != index);
+            if v.is_empty() {
+                self.indexes.remove(key);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ listen
+
+    pub(super) fn listen(&mut self, addr: &str, backlog: u32) -> io::Result<usize> {
+        let endpoint = Endpoint::parse(addr)?;
+        let key = endpoint.key();
+        if self.disconnecting() {
+            return Err(disconnecting());
+        }
+        // Node's index: the k-th live listen on the same endpoint.
+        let used = self.indexes.entry(key.clone()).or_default();
+        let index = (0..).find(|i| !used.contains(i)).unwrap_or(0);
+        used.push(index);
+        let q = Query {
+            endpoint,
+            index,
+            backlog,
+        };
+        let seq = self.next_req;
+        self.next_req = self.next_req.wrapping_add(1);
+        let (handle, policy, address, shared) = match self.query(seq, &q) {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) | Err(e) => {
+                self.release_index(&key, index);
+                return Err(e);
+            }
+        };
+        let idx = self.listeners.len();
+        if let Some(fd) = &shared {
+            let bits = epoll::READABLE | epoll::EXCLUSIVE;
+            if let Err(e) = self
+                .epoll
+                .add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64)
+            {
+                self.release_index(&key, index);
+                let _ = self.send(Kind::Close, 0, handle, &[], &[]);
+                return Err(e);
+            }
+        }
+        self.listeners.push(Some(ListenerState {
+            handle,
+            policy,
+            address,
+            unix: matches!(q.endpoint, Endpoint::Unix(_)),
+            key,
+            index,
+            in_epoll: shared.is_some(),
+            shared,
+            resting_until: None,
+            max: None,
+            nonblocking: false,
+            count: ListenerCount::new(&self.counts),
+            queue: VecDeque::new(),
+        }));
+        if let Err(e) = self.send(Kind::Listening, 0, handle, &[], &[]) {
+            self.close_listener(idx);
+            return Err(e);
+        }
+        // The blocking reply read may have pulled in later frames too.
+        if self.channel.as_ref().is_some_and(Channel::has_buffered) {
+            self.read_channel(false)?;
+        }
+        Ok(idx)
+    }
+
+    // Sends QueryServer and reads frames until its reply.
+    fn query(&mut self, seq: u32, q: &Query) -> io::Result<Reply> {
+        self.send(Kind::QueryServer, 0, seq, &q.encode(), &[])?;
+        loop {
+            let frame = match self.channel.as_mut().ok_or_else(channel_closed)?.recv()? {
+                Some(f) => f,
+                None => {
+                    self.close_channel();
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "primary closed the channel",
+                    ));
+                }
+            };
+            if frame.header.kind == Kind::QueryReply && frame.header.seq == seq {
+                if frame.header.flags & protocol::ERROR != 0 {
+                    return Ok(Err(protocol::decode_reply_err(&frame.payload)));
+                }
+                let (handle, policy, address) = protocol::decode_reply_ok(&frame.payload)?;
+                let mut fds = frame.fds;
+                let shared = match policy {
+                    Policy::Shared => Some(
+                        fds.pop()
+                            .ok_or_else(|| invalid("shared reply without a listening fd".into()))?,
+                    ),
+                    Policy::RoundRobin => None,
+                };
+                return Ok(Ok((handle, policy, address, shared)));
+            }
+            self.on_frame(frame)?;
+        }
+    }
+
+    // ------------------------------------------------------------ frames
+
+    fn on_frame(&mut self, f: Frame) -> io::Result<()> {
+        match f.header.kind {
+            Kind::NewConn => {
+                let ids: Vec<u32> = protocol::decode_ids(&f.payload)?.collect();
+                let handle = f.header.seq;
+                if f.lost_fds > 0 || f.fds.len() != ids.len() {
+                    // EMFILE here: hand them back so another worker serves them.
+                    self.send_reply(REJECTED, handle, &ids);
+                    return Ok(());
+                }
+                let slot = self
+                    .listeners
+                    .iter_mut()
+                    .flatten()
+                    .find(|l| l.handle == handle && l.policy == Policy::RoundRobin);
+                let mut rejected = Vec::new();
+                match slot {
+                    Some(l) => {
+                        for (id, fd) in ids.into_iter().zip(f.fds) {
+                            if l.full_for_handover() {
+                                rejected.push(id);
+                            } else {
+                                l.queue.push_back((id, fd));
+                            }
+                        }
+                    }
+                    None => rejected = ids,
+                }
+                if !rejected.is_empty() {
+                    self.send_reply(REJECTED, handle, &rejected);
+                }
+                Ok(())
+            }
+            Kind::Disconnect => {
+                self.disconnect_requested = true;
+                Ok(())
+            }
+            Kind::Ack => {
+                self.acked.push(f.header.seq);
+                Ok(())
+            }
+            Kind::User => {
+                self.pending.push_back(Event::Message {
+                    bytes: f.payload,
+                    fds: f.fds,
+                });
+                Ok(())
+            }
+            k => Err(invalid(format!(
+                "the primary sent an unexpected {k:?} frame"
+            ))),
+        }
+    }
+
+    // Reads whatever the channel has (blocking for one frame if asked).
+    pub(super) fn read_channel(&mut self, block: bool) -> io::Result<()> {
+        if block {
+            let Some(ch) = self.channel.as_mut() else {
+                return Ok(());
+            };
+            match ch.recv()? {
+                Some(f) => self.on_frame(f)?,
+                None => {
+                    self.close_channel();
+                    return Ok(());
+                }
+            }
+        }
+        loop {
+            let Some(ch) = self.channel.as_mut() else {
+                return Ok(());
+            };
+            match ch.try_recv()? {
+                Recv::Frame(f) => self.on_frame(f)?,
+                Recv::WouldBlock => return Ok(()),
+                Recv::Eof => {
+                    // Out of epoll too: a closed channel stays readable.
+                    self.close_channel();
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn wait_channel(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let mut rev = [0i16; 1];
+        poll::poll(&[(self.channel_fd()?, poll::IN)], &mut rev, timeout)?;
+        if rev[0] != 0 {
+            self.read_channel(false)?;
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ the loop
+
+    /// The next event, waiting until `until` (forever with `None`); a
+    /// deadline already past still gets one look at what is ready.
+    pub(super) fn next_event(&mut self, until: Option<Instant>) -> io::Result<Option<Event>> {
+        let mut waited = false;
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Ok(Some(ev));
+            }
+            if let Some(ev) = self.take_queued() {
+                return Ok(Some(ev));
+            }
+            if self.disconnecting() && !self.disconnect_reported {
+                self.disconnect_reported = true;
+                self.stop_listening();
+                return Ok(Some(Event::Disconnect));
+            }
+            let wait = match until {
+                None => None,
+                Some(u) => {
+                    let now = Instant::now();
+                    if now < u {
+                        Some(u - now)
+                    } else if waited {
+                        return Ok(None);
+                    } else {
+                        Some(Duration::ZERO)
+                    }
+                }
+            };
+            self.wait(wait)?;
+            waited = true;
+        }
+    }
+
+    /// Time left until the first resting listener is watched again.
+    pub(super) fn poll_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.listeners
+            .iter()
+            .flatten()
+            .filter(|l| l.shared.is_some())
+            .filter_map(|l| l.resting_until)
+            .min()
+            .map(|at| at.saturating_duration_since(now))
+    }
+
+    // One epoll_wait over the channel, shared listeners and user fds.
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if self.channel.as_ref().is_some_and(Channel::has_buffered) {
+            // A blocking read may have pulled in more than one frame; epoll
+            // would never report those.
+            return self.read_channel(false);
+        }
+        let timeout = match self.resume_listeners() {
+            Some(at) => {
+                let left = at.saturating_duration_since(Instant::now());
+                Some(timeout.map_or(left, |t| t.min(left)))
+            }
+            None => timeout,
+        };
+        let mut evs = std::mem::replace(&mut self.events_buf, epoll::Events::with_capacity(1));
+        let res = self.epoll.wait(&mut evs, timeout);
+        let mut out = Ok(());
+        let mut woken = false;
+        if res.is_ok() {
+            for (token, flags) in evs.iter() {
+                if token == TOKEN_CHANNEL {
+                    if let Err(e) = self.read_channel(false) {
+                        out = Err(e);
+                    }
+                } else if token == TOKEN_WAKE {
+                    woken = true;
+                } else if token & TOKEN_LISTENER == TOKEN_LISTENER {
+                    let idx = (token & 0xffff_ffff) as usize;
+                    if self.disconnecting() {
+                        continue;
+                    }
+                    if let Some(stream) = self.try_accept_shared(idx) {
+                        self.pending.push_back(Event::Connection {
+                            listener: idx,
+                            stream,
+                        });
+                    }
+                } else {
+                    self.pending.push_back(Event::Ready {
+                        token,
+                        readiness: Readiness::from_epoll(flags),
+                    });
+                }
+            }
+        }
+        self.events_buf = evs;
+        if woken {
+            self.resume_listeners();
+        }
+        res?;
+        out
+    }
+
+    // ------------------------------------------------------------ shared listeners
+
+    /// Makes the wake socketpair (once): a stream of a capped shared
+    /// listener, dropped anywhere, wakes the loop through it.
+    pub(super) fn ensure_waker(&mut self) -> io::Result<()> {
+        if self.counts.waker.get().is_some() {
+            return Ok(());
+        }
+        let (read, write) = sys::socket::socketpair()?;
+        let (read, write) = (UnixStream::from(read), UnixStream::from(write));
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        self.epoll.add(read.as_fd(), epoll::READABLE, TOKEN_WAKE)?;
+        // Only this thread sets it, and it was empty just above.
+        let _ = self.counts.waker.set(Waker { read, write });
+        Ok(())
+    }
+
+    // Puts a shared listener in or out of the epoll as its rest and cap say.
+    fn sync_listener(&mut self, idx: usize) {
+        let Some(l) = self.listeners.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(fd) = l.shared.as_ref() else {
+            return;
+        };
+        let full = l.count.pause_if_full(l.max);
+        let want = l.resting_until.is_none() && !full;
+        if want && !l.in_epoll {
+            let bits = epoll::READABLE | epoll::EXCLUSIVE;
+            match self
+                .epoll
+                .add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64)
+            {
+                Ok(()) => l.in_epoll = true,
+                // Cannot watch it now (ENOMEM, ENOSPC): try again later.
+                Err(_) => l.resting_until = Some(Instant::now() + ACCEPT_BACKOFF),
+            }
+        } else if !want && l.in_epoll {
+            let _ = self.epoll.delete(fd.as_fd());
+            l.in_epoll = false;
+        }
+    }
+
+    /// Ends the rests that are over, puts listeners under their cap back in
+    /// the epoll and those at it out; returns when the next rest ends.
+    pub(super) fn resume_listeners(&mut self) -> Option<Instant> {
+        if let Some(w) = self.counts.waker.get() {
+            let mut buf = [0u8; 64];
+            while matches!((&w.read).read(&mut buf), Ok(n) if n > 0) {}
+        }
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        for idx in 0..self.listeners.len() {
+            let Some(l) = self.listeners[idx].as_mut() else {
+                continue;
+            };
+            if l.shared.is_none() {
+                continue;
+            }
+            if l.resting_until.is_some_and(|at| at <= now) {
+                l.resting_until = None;
+            }
+            self.sync_listener(idx);
+            if let Some(at) = self.listener(idx).and_then(|l| l.resting_until) {
+                next = Some(next.map_or(at, |n: Instant| n.min(at)));
+            }
+        }
+        next
+    }
+
+    /// One `accept` on a shared listener, unless it rests or is at its cap.
+    /// Failures other than "nothing there" make it rest (out of the epoll
+    /// for a while): a level-triggered, still-readable listener would spin.
+    fn try_accept_shared(&mut self, idx: usize) -> Option<Stream> {
+        let l = self.listeners.get_mut(idx)?.as_mut()?;
+        if l.resting_until.is_some() || l.shared.is_none() {
+            return None;
+        }
+        if l.count.pause_if_full(l.max) {
+            self.sync_listener(idx);
+            return None;
+        }
+        let fd = l.shared.as_ref()?;
+        match sys::socket::accept(fd.as_fd(), false) {
+            Ok(conn) => {
+                let stream = Stream::new(conn, l.unix, &l.count);
+                if l.max.is_some() {
+                    self.sync_listener(idx);
+                }
+                Some(stream)
+            }
+            Err(e) if accept_retry(&e) => None,
+            Err(_) => {
+                // EMFILE, ENFILE, ENOBUFS, ENOMEM: other workers sharing
+                // the socket take its connections meanwhile.
+                l.resting_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                self.sync_listener(idx);
+                None
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ round robin
+
+    // Pops a connection handed over by the primary and acknowledges it.
+    fn pop_queued(&mut self, idx: usize) -> Option<Stream> {
+        let l = self.listeners.get_mut(idx)?.as_mut()?;
+        let (cid, fd) = l.queue.pop_front()?;
+        let (handle, stream) = (l.handle, Stream::new(fd, l.unix, &l.count));
+        self.send_reply(0, handle, &[cid]);
+        Some(stream)
+    }
+
+    // The next handed-over connection of any listener, taking turns.
+    fn take_queued(&mut self) -> Option<Event> {
+        let n = self.listeners.len();
+        for step in 0..n {
+            let idx = (self.ready_cursor + step) % n;
+            if let Some(stream) = self.pop_queued(idx) {
+                self.ready_cursor = (idx + 1) % n;
+                return Some(Event::Connection {
+                    listener: idx,
+                    stream,
+                });
+            }
+        }
+        None
+    }
+
+    // Hands every connection queued here back to the primary.
+    fn reject_queued(&mut self) {
+        for idx in 0..self.listeners.len() {
+            let Some(l) = self.listeners[idx].as_mut() else {
+                continue;
+            };
+            if l.queue.is_empty() {
+                continue;
+            }
+            let handle = l.handle;
+            let ids: Vec<u32> = l.queue.drain(..).map(|(id, _)| id).collect();
+            self.send_reply(REJECTED, handle, &ids);
+        }
+    }
+
+    // ------------------------------------------------------------ accept
+
+    /// [`Listener::accept`](super::Listener::accept) without the peer address.
+    pub(super) fn accept_on(&mut self, idx: usize) -> io::Result<Stream> {
+        loop {
+            self.resume_listeners();
+            let l = self
+                .listener(idx)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "listener is closed"))?;
+            let nonblocking = l.nonblocking;
+            if nonblocking {
+                self.read_channel(false)?;
+            }
+            if let Some(s) = self.pop_queued(idx) {
+                return Ok(s);
+            }
+            if let Some(s) = self.try_accept_shared(idx) {
+                return Ok(s);
+            }
+            if self.disconnecting() {
+                self.stop_listening();
+                return Err(disconnecting());
+            }
+            if self.channel.as_ref().is_some_and(Channel::has_buffered) {
+                self.read_channel(false)?;
+                continue;
+            }
+            if nonblocking {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.block_for(idx)?;
+        }
+    }
+
+    // Waits until the channel, this listener's socket (when it may accept)
+    // or the waker is readable, or this listener's rest ends.
+    fn block_for(&mut self, idx: usize) -> io::Result<()> {
+        let l = self.listener(idx);
+        let rest = l.and_then(|l| l.resting_until);
+        let mut fds: Vec<(BorrowedFd<'_>, i16)> = Vec::with_capacity(3);
+        let channel = self.channel.as_ref().map(|c| c.as_fd());
+        if let Some(fd) = channel {
+            fds.push((fd, poll::IN));
+        }
+        if let Some(fd) = l.filter(|l| l.in_epoll).and_then(|l| l.shared.as_ref()) {
+            fds.push((fd.as_fd(), poll::IN));
+        }
+        if let Some(w) = self.counts.waker.get() {
+            fds.push((w.read.as_fd(), poll::IN));
+        }
+        let timeout = rest.map(|at| at.saturating_duration_since(Instant::now()));
+        let mut rev = [0i16; 3];
+        poll::poll(&fds, &mut rev[..fds.len()], timeout)?;
+        if channel.is_some() && rev[0] != 0 {
+            self.read_channel(false)?;
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ stopping
+
+    // Stops taking connections. Round-robin connections already handed over
+    // stay queued and are still served; a shared listener's backlog is
+    // drained first (up to its cap), so what the kernel accepted before the
+    // stop is served.
+    pub(super) fn stop_listening(&mut self) {
+        for idx in 0..self.listeners.len() {
+            let Some(l) = self.listeners[idx].as_mut() else {
+                continue;
+            };
+            let Some(fd) = l.shared.take() else { continue };
+            if l.in_epoll {
+                let _ = self.epoll.delete(fd.as_fd());
+                l.in_epoll = false;
+            }
+            while !l.count.pause_if_full(l.max) {
+                let Ok(conn) = sys::socket::accept(fd.as_fd(), false) else {
+                    break;
+                };
+                let stream = Stream::new(conn, l.unix, &l.count);
+                self.pending.push_back(Event::Connection {
+                    listener: idx,
+                    stream,
+                });
+            }
+            l.count
+                .paused
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Worker-initiated disconnect; see `Worker::disconnect`.
+    pub(super) fn disconnect(&mut self) -> io::Result<()> {
+        if self.channel.is_none() {
+            self.disconnect_requested = true;
+            return Ok(());
+        }
+        let seq = self.next_req;
+        self.next_req = self.next_req.wrapping_add(1);
+        self.send(Kind::ExitedAfterDisconnect, 0, seq, &[], &[])?;
+        let deadline = Instant::now() + DISCONNECT_ACK;
+        while !self.acked.contains(&seq) && self.channel.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "primary did not acknowledge the disconnect",
+                ));
+            }
+            self.wait_channel(Some(left))?;
+        }
+        self.disconnect_requested = true;
+        self.disconnect_reported = true;
+        self.stop_listening();
+        // As Node's worker does after the ack: what the program has not
+        // taken goes back, then the channel closes, so the primary reports
+        // the disconnect without waiting for this process to end.
+        self.reject_queued();
+        self.close_channel();
+        Ok(())
+    }
+
+    pub(super) fn close_listener(&mut self, idx: usize) {
+        let Some(mut l) = self.listeners.get_mut(idx).and_then(Option::take) else {
+            return;
+        };
+        if let Some(fd) = &l.shared {
+            if l.in_epoll {
+                let _ = self.epoll.delete(fd.as_fd());
+            }
+        }
+        l.count
+            .paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.release_index(&l.key, l.index);
+        if self.channel.is_none() {
+            return;
+        }
+        let _ = self.send(Kind::Close, 0, l.handle, &[], &[]);
+        if !l.queue.is_empty() {
+            let ids: Vec<u32> = l.queue.drain(..).map(|(id, _)| id).collect();
+            self.send_reply(REJECTED, l.handle, &ids);
+        }
+    }
+}
+
+/// Checks a token of the program's own fds.
+pub(super) fn check_token(token: u64) -> io::Result<()> {
+    if token >= USER_TOKENS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("worker tokens must be below 2^62, not {token}"),
+        ));
+    }
+    Ok(())
+}
