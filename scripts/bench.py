@@ -1,108 +1,77 @@
 #!/usr/bin/env python3
 """Driver of scripts/bench.sh: runs every configuration in interleaved
-rounds, takes medians, prints and writes the table and an SVG chart."""
-import json, os, re, shutil, signal, socket, statistics, subprocess, sys, time
+rounds, takes medians, prints and writes the table and an SVG chart.
 
-QUICK = "--quick" in sys.argv
+    python3 scripts/bench.py [--quick] [--workers 1,2,4]
+
+Servers: syncluster's hello (rr, shared), the plain C prefork server of
+scripts/prefork.c (shared, reuseport: the speed limit, no primary in the
+data path) and Node's cluster (rr, none) when node is installed."""
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+
+from harness import CLK_TCK, ROOT, Server, cpu_ticks, free_port, rss_kb, run_wrk
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--quick", action="store_true", help="one round of 2 s runs (about 2 minutes)")
+ap.add_argument("--workers", default="1,2,4", help="comma-separated worker counts (default 1,2,4)")
+ARGS = ap.parse_args()
+QUICK = ARGS.quick
 ROUNDS = 1 if QUICK else 3
 DURATION = 2 if QUICK else 5
-WORKERS = [1, 2, 4]
+try:
+    WORKERS = [int(w) for w in ARGS.workers.split(",")]
+    assert WORKERS and all(w > 0 for w in WORKERS)
+except (ValueError, AssertionError):
+    sys.exit(f"--workers: expected positive numbers separated by commas, got {ARGS.workers!r}")
 MODES = ["keep-alive", "close"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELLO = os.path.join(ROOT, "target/release/examples/hello")
+PREFORK = os.path.join(ROOT, "target/bench/prefork")
 NODE = shutil.which("node")
 OUT = os.path.join(ROOT, "target/bench")
+LIMIT = "c prefork shared"
 
 IMPLS = ["syncluster rr", "syncluster shared"]
+if os.path.exists(PREFORK):
+    IMPLS += [LIMIT, "c prefork reuseport"]
+else:
+    print(f"{PREFORK} missing: skipping the C prefork server (scripts/bench.sh builds it)", file=sys.stderr)
 if NODE:
     IMPLS += ["node rr", "node none"]
 else:
     print("node not found: skipping Node's cluster (install nodejs to compare)", file=sys.stderr)
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def start(impl, workers):
-    """Starts a server; returns (process, port, seconds from exec to the listening line)."""
-    t0 = time.monotonic()
-    if impl.startswith("syncluster"):
-        policy = impl.split()[1]
-        cmd = [HELLO, "--workers", str(workers), "--port", "0", "--policy", policy]
-        env = dict(os.environ)
+    """Starts a server and waits for its listening line."""
+    env = dict(os.environ)
+    kind, mode = impl.rsplit(" ", 1)
+    if kind == "syncluster":
+        cmd = [HELLO, "--workers", str(workers), "--port", "0", "--policy", mode]
+    elif kind == "c prefork":
+        cmd = [PREFORK, str(workers), "0", mode]
     else:
-        port = free_port()
-        cmd = [NODE, os.path.join(ROOT, "scripts/node_hello.js"), str(workers), str(port)]
-        env = dict(os.environ, NODE_CLUSTER_SCHED_POLICY=impl.split()[1])
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
-    line = p.stdout.readline()
-    m = re.search(r"listening on http://[^:]+:(\d+)", line)
-    if not m:
-        p.kill()
-        raise RuntimeError(f"{impl}: no listening line, got {line!r}")
-    return p, int(m.group(1)), time.monotonic() - t0
+        cmd = [NODE, os.path.join(ROOT, "scripts/node_hello.js"), str(workers), str(free_port())]
+        env["NODE_CLUSTER_SCHED_POLICY"] = mode
+    return Server(cmd, env=env, name=impl)
 
 
-def stop(p):
-    """SIGTERM, then the served line as a dict (or {})."""
-    p.send_signal(signal.SIGTERM)
-    served = {}
-    try:
-        out, _ = p.communicate(timeout=15)
-        for line in out.splitlines():
-            if line.startswith("served "):
-                served = json.loads(line[len("served "):])
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
-    return served
-
-
-def rss_kb(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def ms(text):
-    v = float(re.match(r"([\d.]+)", text).group(1))
-    if text.endswith("us"):
-        return v / 1000
-    if text.endswith("ms"):
-        return v
-    if text.endswith("s"):
-        return v * 1000
-    return v
-
-
-def run_wrk(port, mode):
-    cmd = ["wrk", "-t1", "-c32", f"-d{DURATION}s", "--latency", f"http://127.0.0.1:{port}/"]
+def run_wrk_mode(port, mode):
+    """(req/s, p50 ms, p99 ms, errors, requests completed)."""
+    args = ["-t1", "-c32", f"-d{DURATION}s", "--latency", f"http://127.0.0.1:{port}/"]
     if mode == "close":
-        cmd[1:1] = ["-H", "Connection: close"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=DURATION + 30).stdout
-    try:
-        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-        p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))
-        p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
-    except (AttributeError, ValueError):
+        args[0:0] = ["-H", "Connection: close"]
+    w, out = run_wrk(args, timeout=DURATION + 30)
+    if w["rps"] is None or w["p50"] is None or w["p99"] is None:
         # No latency figures: wrk completed nothing. Keep its words.
         with open(os.path.join(OUT, "wrk-failure.txt"), "a") as f:
             f.write(f"port {port} {mode}:\n{out}\n")
-        return 0.0, float("nan"), float("nan"), 1
-    errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors += int(m.group(1)) if m else 0
-    return rps, p50, p99, errors
+        return 0.0, float("nan"), float("nan"), 1, 0
+    return w["rps"], w["p50"], w["p99"], w["errors"], w["requests"]
 
 
 def main():
@@ -117,25 +86,30 @@ def main():
         for impl, workers, mode in configs:
             n += 1
             print(f"[{n}/{total}] round {r + 1}: {impl}, {workers} workers, {mode}", file=sys.stderr)
-            p, port, startup = start(impl, workers)
-            starts.setdefault((impl, workers), []).append(startup)
+            srv = start(impl, workers)
+            starts.setdefault((impl, workers), []).append(srv.startup)
             time.sleep(0.2)
-            sampler = None
-            rps, p50, p99, errors = run_wrk(port, mode)
-            kb = rss_kb(p.pid)
+            t0 = cpu_ticks(srv.pid)
+            rps, p50, p99, errors, done = run_wrk_mode(srv.port, mode)
+            t1 = cpu_ticks(srv.pid)
+            # Connection: close makes every request its own connection.
+            per_conn = ((t1 - t0) / CLK_TCK * 1e6 / done
+                        if mode == "close" and done and t0 is not None and t1 is not None else None)
+            kb = rss_kb(srv.pid)
             if kb:
                 rss.setdefault(impl, []).append(kb)
             time.sleep(0.3)
-            served = stop(p)
+            srv.stop(timeout=15)
+            served = srv.served()
             counts = [v for v in served.values() if v > 0] if served else []
             fair = (max(counts) / min(counts)) if len(counts) == workers and min(counts) > 0 else None
-            results.setdefault((impl, workers, mode), []).append((rps, p50, p99, errors, fair, served))
+            results.setdefault((impl, workers, mode), []).append((rps, p50, p99, errors, fair, per_conn))
     # 8 workers: exec to the listening line.
     for impl in IMPLS:
         for _ in range(3 if not QUICK else 1):
-            p, _, startup = start(impl, 8)
-            starts.setdefault((impl, 8), []).append(startup)
-            stop(p)
+            srv = start(impl, 8)
+            starts.setdefault((impl, 8), []).append(srv.startup)
+            srv.stop(timeout=15)
 
     def med(xs):
         xs = [x for x in xs if x is not None]
@@ -145,13 +119,16 @@ def main():
     lines.append(f"wrk -t1 -c32 -d{DURATION}s, median of {ROUNDS} interleaved round(s); "
                  f"{os.cpu_count()} CPUs, {platform_line()}")
     lines.append("")
-    lines.append("| workers | mode | server | req/s | p50 ms | p99 ms | errors | busiest/idlest | × node rr |")
-    lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    lines.append("| workers | mode | server | req/s | p50 ms | p99 ms | errors | busiest/idlest "
+                 "| primary CPU µs/conn | × limit | × node rr |")
+    lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     chart = []
     for workers in WORKERS:
         for mode in MODES:
             base = results.get(("node rr", workers, mode))
             base_rps = med([x[0] for x in base]) if base else None
+            limit = results.get((LIMIT, workers, mode))
+            limit_rps = med([x[0] for x in limit]) if limit else None
             for impl in IMPLS:
                 rs = results[(impl, workers, mode)]
                 rps = med([x[0] for x in rs])
@@ -159,10 +136,21 @@ def main():
                 p99 = med([x[2] for x in rs])
                 err = max(x[3] for x in rs)
                 fair = med([x[4] for x in rs])
+                cpu = med([x[5] for x in rs])
                 ratio = f"{rps / base_rps:.2f}" if base_rps else "-"
+                to_limit = f"{rps / limit_rps:.2f}" if limit_rps else "-"
                 fair_s = f"{fair:.3f}" if fair else "-"
-                lines.append(f"| {workers} | {mode} | {impl} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {err} | {fair_s} | {ratio} |")
+                cpu_s = f"{cpu:.1f}" if cpu is not None else "-"
+                lines.append(f"| {workers} | {mode} | {impl} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {err} | {fair_s} "
+                             f"| {cpu_s} | {to_limit} | {ratio} |")
                 chart.append((f"{workers}w {mode}", impl, rps))
+    lines.append("")
+    lines.append(f"primary CPU µs/conn: utime+stime of the primary process (/proc/PID/stat, {CLK_TCK} ticks/s) "
+                 "over the Connection: close run, divided by the requests wrk completed (one connection each). "
+                 f"× limit: req/s over {LIMIT}'s, same workers and mode. The C prefork workers block on one "
+                 "connection at a time: in keep-alive mode only as many of wrk's 32 connections as there are "
+                 "workers are served; the others wait in the accept queue, never answered, and appear in "
+                 "none of wrk's figures (its timeout count included).")
     lines.append("")
     lines.append("| server | exec → all 8 workers listening (median) | primary RSS under load (median) |")
     lines.append("|---|---:|---:|")
@@ -173,7 +161,8 @@ def main():
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(OUT, "report.md"), "w") as f:
-        f.write("# syncluster benchmark\n\nProduced by `scripts/bench.sh" + (" --quick" if QUICK else "") + "`.\n\n" + text + "\n")
+        f.write("# syncluster benchmark\n\nProduced by `scripts/bench.sh" + (" --quick" if QUICK else "")
+                + (f" --workers {ARGS.workers}" if ARGS.workers != "1,2,4" else "") + "`.\n\n" + text + "\n")
     write_svg(chart)
     print(f"\nwrote {OUT}/report.md and {OUT}/throughput.svg", file=sys.stderr)
 
@@ -191,6 +180,7 @@ def platform_line():
 
 def write_svg(chart):
     colors = {"syncluster rr": "#2b6cb0", "syncluster shared": "#63b3ed",
+              "c prefork shared": "#2f855a", "c prefork reuseport": "#9ae6b4",
               "node rr": "#c05621", "node none": "#f6ad55"}
     groups = []
     for label, impl, rps in chart:
@@ -199,7 +189,7 @@ def write_svg(chart):
         groups[-1][1].append((impl, rps))
     top = max(r for _, _, r in chart) or 1
     bar, gap, h, left = 16, 14, 300, 60
-    width = left + len(groups) * (len(IMPLS) * bar + gap) + 20
+    width = max(left + len(groups) * (len(IMPLS) * bar + gap) + 20, left + len(IMPLS) * 150)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h + 140}" font-family="sans-serif" font-size="11">',
              f'<text x="{left}" y="16" font-size="14">requests/s, wrk -t1 -c32 (higher is better)</text>']
     for i in range(5):

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: syncluster rr / shared against Node's cluster
-# rr / none, serving the same hello world, with wrk.
-#   scripts/bench.sh           full run (about 8 minutes)
-#   scripts/bench.sh --quick   about 1 minute
+# Side-by-side benchmark: syncluster rr / shared against a plain C prefork
+# server (shared / reuseport: the speed limit) and Node's cluster rr / none,
+# serving the same hello world, with wrk.
+#   scripts/bench.sh                      full run (about 12 minutes)
+#   scripts/bench.sh --quick              about 2 minutes
+#   scripts/bench.sh --workers 1,2,4,8    worker counts (default 1,2,4)
 # Writes target/bench/report.md and target/bench/throughput.svg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +12,6 @@ if ! command -v wrk >/dev/null; then
     apt-get update && apt-get install -y wrk
 fi
 cargo build --release --example hello --example request_counter
+mkdir -p target/bench
+cc -O2 -Wall -Wextra -Werror -o target/bench/prefork scripts/prefork.c
 exec python3 scripts/bench.py "$@"

@@ -12,7 +12,6 @@ and every process started here is killed by its exact pid on every path
 (workers first, found in /proc, each checked against its start time).
 """
 import argparse
-import atexit
 import errno
 import itertools
 import os
@@ -28,16 +27,15 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import (HOST, ROOT, Server, alive, cleanup_all, cpu_ms, fd_count, free_port, now,
+                     rss_kb, run_wrk, send, wait_until)
+
 HELLO = os.path.join(ROOT, "target/release/examples/hello")
 NODE_HELLO = os.path.join(ROOT, "scripts/node_hello.js")
 OUT = os.path.join(ROOT, "target/chaos")
-HOST = "127.0.0.1"
 BODY = b"hello world\n"
 REQ_CLOSE = b"GET / HTTP/1.1\r\nHost: chaos\r\nConnection: close\r\n\r\n"
 REQ_KEEP = b"GET / HTTP/1.1\r\nHost: chaos\r\n\r\n"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-now = time.monotonic
 
 
 def log(msg):
@@ -45,70 +43,7 @@ def log(msg):
 
 
 # ---------------------------------------------------------------------------
-# Processes, by exact pid only.
-
-def stat_fields(pid):
-    """Fields of /proc/PID/stat after the command name (index 0 = state), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rindex(")") + 2:].split()
-
-
-def start_time(pid):
-    f = stat_fields(pid)
-    return int(f[19]) if f else None
-
-
-def alive(pid, started=None):
-    """Exists, is not a zombie, and (if given) is the same process (start time)."""
-    f = stat_fields(pid)
-    if not f or f[0] in ("Z", "X"):
-        return False
-    return started is None or int(f[19]) == started
-
-
-def cpu_ms(pid):
-    """utime + stime of PID in ms, or None."""
-    f = stat_fields(pid)
-    return (int(f[11]) + int(f[12])) * 1000 // CLK_TCK if f else None
-
-
-def children(pid):
-    """Children of PID (every thread's), zombies excluded."""
-    kids = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return kids
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids += [int(p) for p in f.read().split()]
-        except OSError:
-            pass
-    return [k for k in dict.fromkeys(kids) if alive(k)]
-
-
-def fd_count(pid):
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
-
-
-def rss_kb(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
+# Processes: the rest is in harness.py.
 
 def worker_env_id(pid):
     """SYNCLUSTER_WORKER_ID of a hello worker, or None."""
@@ -156,131 +91,6 @@ def held_tcp(pid):
     return len(socks - unix_inodes(pid))
 
 
-def send(pid, sig, started=None):
-    """Signals one exact pid (checked against its start time if given)."""
-    if started is not None and not alive(pid, started):
-        return False
-    try:
-        os.kill(pid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-class Server:
-    """A running cluster (hello or Node's): stdout lines and stderr collected
-    by threads; every worker pid seen is remembered for the cleanup."""
-
-    live = []
-
-    def __init__(self, cmd, env=None, wait_listening=True, timeout=15):
-        self.cmd = cmd
-        self.p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=env, text=True,
-                                  start_new_session=True)
-        Server.live.append(self)
-        self.pid = self.p.pid
-        self.seen = {}  # worker pid -> start time
-        self.out_lines, self.err_lines = [], []
-        self.lock = threading.Lock()
-        self.listening = threading.Event()
-        self.port = None
-        threading.Thread(target=self._read, args=(self.p.stdout, self.out_lines), daemon=True).start()
-        threading.Thread(target=self._read, args=(self.p.stderr, self.err_lines), daemon=True).start()
-        if wait_listening:
-            deadline = now() + timeout
-            while not self.listening.wait(0.02) and now() < deadline and self.p.poll() is None:
-                pass
-            if not self.listening.is_set():
-                self.wait_exit(0.5)  # let the stderr reader catch up
-                time.sleep(0.05)
-                code = self.p.poll()
-                self.kill()
-                why = f"exited with {code}" if code is not None else f"no listening line in {timeout} s"
-                raise RuntimeError(f"{'hello' if HELLO in cmd else os.path.basename(cmd[0])}: {why}; "
-                                   f"stderr: {self.stderr()!r}")
-
-    def _read(self, pipe, lines):
-        for line in pipe:
-            line = line.rstrip("\n")
-            with self.lock:
-                lines.append((now(), line))
-            m = re.match(r"listening on http://[^ ]+:(\d+) ", line)
-            if m and self.port is None:
-                self.port = int(m.group(1))
-                self.listening.set()
-
-    def stderr(self):
-        with self.lock:
-            return "\n".join(l for _, l in self.err_lines)
-
-    def stdout(self):
-        with self.lock:
-            return [l for _, l in self.out_lines]
-
-    def err_count(self, pattern):
-        with self.lock:
-            return sum(1 for _, l in self.err_lines if re.search(pattern, l))
-
-    def wait_err(self, pattern, count=1, timeout=15):
-        return wait_until(lambda: self.err_count(pattern) >= count, timeout)
-
-    def workers(self):
-        kids = children(self.pid)
-        for k in kids:
-            if k not in self.seen:
-                st = start_time(k)
-                if st is not None:
-                    self.seen[k] = st
-        return kids
-
-    def signal(self, sig):
-        if self.p.poll() is None:
-            os.kill(self.pid, sig)
-
-    def wait_exit(self, timeout):
-        try:
-            return self.p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, timeout=20):
-        """SIGTERM; the exit status (None: had to be killed)."""
-        self.workers()
-        self.signal(signal.SIGTERM)
-        code = self.wait_exit(timeout)
-        self.kill()
-        return code
-
-    def kill(self):
-        """SIGKILL workers (exact pids, start time checked), then the primary."""
-        self.workers()
-        for pid, st in self.seen.items():
-            send(pid, signal.SIGKILL, st)
-        if self.p.poll() is None:
-            self.p.kill()
-        try:
-            self.p.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        # Workers orphaned by a primary that died first.
-        for pid, st in self.seen.items():
-            send(pid, signal.SIGKILL, st)
-        if self in Server.live:
-            Server.live.remove(self)
-
-
-def cleanup_all():
-    for s in list(Server.live):
-        try:
-            s.kill()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
-
-
-atexit.register(cleanup_all)
-
-
 def hello(workers=2, env=None, ulimit=None, extra=()):
     e = dict(os.environ)
     e.pop("SYNCLUSTER_SCHED_POLICY", None)
@@ -288,31 +98,12 @@ def hello(workers=2, env=None, ulimit=None, extra=()):
     cmd = [HELLO, "--workers", str(workers), "--port", "0", "--policy", "rr", *extra]
     if ulimit:
         cmd = ["bash", "-c", f'ulimit -n {ulimit}; exec "$@"', "bash", *cmd]
-    return Server(cmd, env=e)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind((HOST, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    return Server(cmd, env=e, name="hello")
 
 
 def node_hello(workers):
     e = dict(os.environ, NODE_CLUSTER_SCHED_POLICY="rr")
     return Server([shutil.which("node"), NODE_HELLO, str(workers), str(free_port())], env=e)
-
-
-def wait_until(cond, timeout, step=0.01):
-    deadline = now() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if now() >= deadline:
-            return v
-        time.sleep(step)
 
 
 # ---------------------------------------------------------------------------
@@ -695,8 +486,8 @@ def scenario_fds(args, rng):
         c0 = cpu_ms(srv.pid)
         w0 = {k: cpu_ms(k) for k in kids}
         sampler.start()
-        wrk = subprocess.run(["wrk", "-t2", "-c200", f"-d{dur}s", "--timeout", "2s",
-                              f"http://{HOST}:{srv.port}/"], capture_output=True, text=True, timeout=dur + 30)
+        wrk, _ = run_wrk(["-t2", "-c200", f"-d{dur}s", "--timeout", "2s", f"http://{HOST}:{srv.port}/"],
+                         timeout=dur + 30)
         c1 = cpu_ms(srv.pid)
         w1 = {k: cpu_ms(k) for k in kids}
         sampling.set()
@@ -718,10 +509,7 @@ def scenario_fds(args, rng):
         code = srv.stop()
     finally:
         srv.kill()
-    out = wrk.stdout
-    m = re.search(r"(\d+) requests in", out)
-    reqs = int(m.group(1)) if m else 0
-    errs = re.search(r"Socket errors:.*", out)
+    reqs = wrk["requests"]
     primary = c1 - c0 if c0 is not None and c1 is not None else -1
     wcpu = [(w1[k] - w0[k]) if w0.get(k) is not None and w1.get(k) is not None else -1 for k in kids]
     ok = 0 <= primary < 100 * dur and recovered is not None and code == 0 and bug is None
@@ -730,7 +518,7 @@ def scenario_fds(args, rng):
            f"{reqs} requests served; recovered in {recovered * 1000:.0f} ms" if recovered is not None else
            f"primary CPU {primary} ms over {dur} s; NOT recovered")
     details = ([bug] if bug else []) + [f"ulimit -n {limit}, 2 workers; wrk -t2 -c200 (keep-alive)",
-               f"wrk: {reqs} requests; {errs.group(0) if errs else 'no socket errors'}",
+               f"wrk: {reqs} requests; {wrk['socket_errors'] or 'no socket errors'}",
                f"the primary's fds peaked at {peak[0]} of {limit} ({peak[1]} samples at the limit, every 10 ms)",
                f"EMFILE lines on stderr: {emfile}; exit {code}",
                f"threshold: primary CPU < {100 * dur} ms (10% of one core)"]
