@@ -99,6 +99,53 @@ impl Primary {
         }
     }
 
+    /// The non-blocking step for a primary driven from another loop
+    /// (libuv, libevent, a C service's epoll): processes whatever is ready
+    /// now and returns the next event, or `Ok(None)` when nothing is left.
+    /// Call it until `None` whenever [`Primary::as_fd`](AsFd::as_fd) is
+    /// readable or [`Primary::poll_timeout`] has passed.
+    ///
+    /// ```no_run
+    /// # fn main() -> std::io::Result<()> {
+    /// # let mut primary = syncluster::Primary::new(Default::default())?;
+    /// use std::os::fd::AsRawFd;
+    /// // Register `primary.as_raw_fd()` for readability in your loop, with a
+    /// // timer of `primary.poll_timeout()`; when either fires:
+    /// while let Some(event) = primary.try_next_event()? {
+    ///     println!("{event:?}");
+    /// }
+    /// # let _ = primary.as_raw_fd();
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn try_next_event(&mut self) -> io::Result<Option<Event>> {
+        loop {
+            if let Some(ev) = self.events.pop_front() {
+                if let Event::Exit { id, .. } = ev {
+                    self.workers.remove(&id);
+                }
+                return Ok(Some(ev));
+            }
+            let again = !self.read_again.is_empty();
+            self.turn(Some(Duration::ZERO))?;
+            if self.events.is_empty() && !again {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// How long a host loop may sleep before calling
+    /// [`Primary::try_next_event`] even if the fd stays quiet: the nearest
+    /// deadline (a kill after a disconnect timeout, an accept pause, a
+    /// stalled turn...). `None`: no deadline, wait for the fd alone.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        if !self.events.is_empty() || !self.read_again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        self.next_deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
     // One epoll_wait and everything it reports.
     pub(super) fn turn(&mut self, wait: Option<Duration>) -> io::Result<()> {
         let mut evs = std::mem::replace(&mut self.events_buf, epoll::Events::with_capacity(1));

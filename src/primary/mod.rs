@@ -423,6 +423,21 @@ impl Primary {
     }
 }
 
+/// The primary's epoll fd: readable whenever [`Primary::try_next_event`]
+/// has something to do (a signal, a worker's frame or exit, a connection to
+/// accept, a registered fd). Poll it from another loop; do not read it.
+impl AsFd for Primary {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.epoll.as_fd()
+    }
+}
+
+impl std::os::fd::AsRawFd for Primary {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.epoll.as_fd())
+    }
+}
+
 impl Drop for Primary {
     /// Removes the Unix socket files of the open handles (only those still
     /// the sockets bound) and puts back the signal mask [`Primary::new`]
@@ -502,5 +517,37 @@ mod tests {
         }
         drop(p);
         assert_eq!(blocked(), before);
+    }
+
+    #[test]
+    fn a_foreign_poll_loop_drives_the_primary_with_its_fd_and_try_next_event() {
+        let mut settings = Settings::default();
+        settings.exec = Some("/bin/sh".into());
+        settings.args = Some(vec!["-c".into(), "exit 3".into()]);
+        let mut p = Primary::new(settings).unwrap();
+        assert!(p.try_next_event().unwrap().is_none(), "nothing yet");
+        let id = p.fork().unwrap();
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !seen.iter().any(|e| matches!(e, Event::Exit { .. })) {
+            assert!(std::time::Instant::now() < deadline, "no exit: {seen:?}");
+            // The host loop: poll(2) on the primary's fd, bounded by its timeout.
+            let mut rev = [0i16; 1];
+            let wait = p.poll_timeout().unwrap_or(Duration::from_secs(1));
+            crate::sys::poll::poll(&[(p.as_fd(), crate::sys::poll::IN)], &mut rev, Some(wait))
+                .unwrap();
+            while let Some(ev) = p.try_next_event().unwrap() {
+                seen.push(ev);
+            }
+        }
+        assert!(matches!(seen[0], Event::Fork(i) if i == id), "{seen:?}");
+        assert!(
+            seen.iter().any(|e| matches!(
+                e,
+                Event::Exit { id: i, status: ExitStatus::Code(3), .. } if *i == id
+            )),
+            "{seen:?}"
+        );
+        assert!(p.try_next_event().unwrap().is_none());
     }
 }
