@@ -577,10 +577,8 @@ fn listen_rules(args: &[&str]) -> Result<Option<ListenRules>, String> {
             "*" => None,
             h => Some(h.parse().map_err(|_| bad())?),
         };
-        rules.tcp.push(TcpRule {
-            host,
-            ports: lo.parse().map_err(|_| bad())?..=hi.parse().map_err(|_| bad())?,
-        });
+        let ports = lo.parse().map_err(|_| bad())?..=hi.parse().map_err(|_| bad())?;
+        rules.tcp.push(TcpRule::new(host, ports));
     }
     Ok(Some(rules))
 }

@@ -233,11 +233,9 @@ impl Cluster {
         if let Some(policy) = opts.policy {
             primary.settings_mut().policy = policy;
         }
-        let config = supervisor::Config {
-            workers: opts.workers,
-            hang_timeout: opts.hang_timeout,
-            ..supervisor::Config::default()
-        };
+        let mut config = supervisor::Config::default();
+        config.workers = opts.workers;
+        config.hang_timeout = opts.hang_timeout;
         Ok(Cluster {
             sup: Supervisor::start(primary, config)?,
             workers: opts.workers,

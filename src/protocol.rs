@@ -25,8 +25,10 @@ pub const REJECTED: u8 = 1;
 /// QueryReply flag: the payload is an error.
 pub const ERROR: u8 = 1;
 
-/// How connections reach workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How connections reach workers. Spelled `rr` and `shared` (Node's
+/// `none` is read as `shared` too, everywhere a policy is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Policy {
     /// The primary accepts and hands each connection over (Node's `SCHED_RR`).
     RoundRobin,
@@ -35,10 +37,10 @@ pub enum Policy {
 }
 
 impl Policy {
-    /// Reads `rr`, `none` or `shared`.
+    /// Reads `rr` (or `round-robin`), `shared` or `none`.
     pub fn parse(s: &str) -> Option<Policy> {
         match s {
-            "rr" => Some(Policy::RoundRobin),
+            "rr" | "round-robin" => Some(Policy::RoundRobin),
             "none" | "shared" => Some(Policy::Shared),
             _ => None,
         }
@@ -50,6 +52,26 @@ impl Policy {
             Policy::RoundRobin => "rr",
             Policy::Shared => "shared",
         }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = io::Error;
+
+    /// [`Policy::parse`], with an `InvalidInput` error naming the value.
+    fn from_str(s: &str) -> io::Result<Policy> {
+        Policy::parse(s).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("policy {s:?}: expected rr or shared (none)"),
+            )
+        })
     }
 }
 

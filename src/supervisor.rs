@@ -43,8 +43,11 @@ pub const MAX_WORKERS: usize = 4096;
 /// listeners, and the pipe and socketpair of a fork in progress.
 const FDS_RESERVE: u64 = 16;
 
-/// Timings and sizes of a [`Supervisor`].
+/// Timings and sizes of a [`Supervisor`]. Start from `Config::default()`
+/// and assign fields (it is `#[non_exhaustive]`: new fields come with
+/// defaults).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Config {
     /// Workers to keep running.
     pub workers: usize,

@@ -133,12 +133,16 @@ pub enum Stdio {
     Pipe,
 }
 
-/// Settings for future forks (≈ `cluster.setupPrimary`).
+/// Settings for future forks (≈ `cluster.setupPrimary`). Start from
+/// `Settings::default()` and assign fields; new fields will come with
+/// defaults, so it is `#[non_exhaustive]`. [`Settings::validate`] checks the
+/// ranges; [`Primary::new`] and every fork call it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Settings {
     /// Program to exec; `None` means the running executable (`/proc/self/exe`).
     pub exec: Option<PathBuf>,
-    /// Arguments after argv[0]; `None` means the primary's own.
+    /// Arguments after `argv[0]`; `None` means the primary's own.
     pub args: Option<Vec<OsString>>,
     /// Extra environment for every worker.
     pub env: Vec<(OsString, OsString)>,
@@ -155,18 +159,19 @@ pub struct Settings {
     pub groups: Vec<u32>,
     /// Inherit or pipe worker stdout/stderr.
     pub stdio: Stdio,
-    /// Round robin or shared; the default comes from `SYNCLUSTER_SCHED_POLICY`, else rr.
+    /// Round robin or shared; [`role`](crate::role) takes the default from
+    /// `SYNCLUSTER_SCHED_POLICY`, else rr.
     pub policy: Policy,
-    /// `listen(2)` backlog when the worker asks for none (511, as Node).
+    /// `listen(2)` backlog when the worker asks for none (511, as Node;
+    /// 1 to 2^31-1).
     pub backlog: u32,
     /// Connections the primary holds per listener before it stops accepting
-    /// and lets the kernel backlog absorb the burst.
+    /// and lets the kernel backlog absorb the burst (1024; at least 1).
     pub queue_limit: usize,
     /// Connections in flight to one worker and not yet accepted by it
-    /// (Node: 1). More lets one `sendmsg` carry several fds.
+    /// (4; Node: 1; 1 to 253). More lets one `sendmsg` carry several fds.
+    /// [`role`](crate::role) takes it from `SYNCLUSTER_RR_WINDOW` when set.
     pub window: usize,
-    /// Largest frame payload accepted from a worker.
-    pub max_payload: u32,
     /// When the last worker of a listening socket dies unexpectedly, keep
     /// the socket this long (not accepting: the kernel backlog holds new
     /// connections) so that a replacement listens on the same port and no
@@ -196,7 +201,6 @@ impl Default for Settings {
             backlog: 511,
             queue_limit: 1024,
             window: 4,
-            max_payload: wire::DEFAULT_MAX_PAYLOAD,
             orphan_linger: Duration::from_secs(30),
             listen_rules: None,
             max_worker_handles: 64,
@@ -204,7 +208,45 @@ impl Default for Settings {
     }
 }
 
+/// The range of [`Settings::window`]: one frame carries at most 253 fds.
+const WINDOW: std::ops::RangeInclusive<usize> = 1..=wire::MAX_FDS;
+
 impl Settings {
+    /// Checks every field's range, the one place that does: an
+    /// `InvalidInput` error names the field and the range. Values are never
+    /// clamped silently.
+    pub fn validate(&self) -> io::Result<()> {
+        let bad = |msg: String| Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
+        if !WINDOW.contains(&self.window) {
+            return bad(format!(
+                "Settings::window = {}: expected {} to {}",
+                self.window,
+                WINDOW.start(),
+                WINDOW.end()
+            ));
+        }
+        if self.queue_limit == 0 {
+            return bad("Settings::queue_limit = 0: expected at least 1".into());
+        }
+        if self.backlog == 0 || self.backlog > i32::MAX as u32 {
+            return bad(format!(
+                "Settings::backlog = {}: expected 1 to {}",
+                self.backlog,
+                i32::MAX
+            ));
+        }
+        if self.max_worker_handles == 0 {
+            return bad("Settings::max_worker_handles = 0: expected at least 1".into());
+        }
+        if let (Some(uid), None) = (self.uid, self.gid) {
+            return bad(format!(
+                "Settings::uid: uid {uid} without a gid, the worker would keep the primary's \
+                 group (set both, or use Settings::set_user)"
+            ));
+        }
+        Ok(())
+    }
+
     /// Runs workers as `user` (a name, or a uid with a passwd entry) in
     /// `group` (a name or a gid; `None`: the user's primary group), with
     /// the user's supplementary groups (`getgrouplist`), as systemd's
@@ -312,6 +354,7 @@ impl Primary {
     /// pidfds anyway; see the module docs). Dropping the `Primary` puts the
     /// signal mask back.
     pub fn new(settings: Settings) -> io::Result<Primary> {
+        settings.validate()?;
         let old_mask = signal::block(&SIGNALS)?;
         let made = signal::signalfd(&SIGNALS).and_then(|sigfd| {
             let epoll = epoll::Epoll::new()?;
@@ -461,7 +504,7 @@ pub fn policy_from_env() -> io::Result<Option<Policy>> {
             None => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "{ENV_SCHED_POLICY}={:?}: expected rr or none",
+                    "{ENV_SCHED_POLICY}={:?}: expected rr or shared (none)",
                     Path::new(&v)
                         .as_os_str()
                         .as_bytes()
@@ -481,12 +524,16 @@ pub fn window_from_env() -> io::Result<Option<usize>> {
         Some(v) => v
             .to_str()
             .and_then(|s| s.parse::<usize>().ok())
-            .filter(|n| (1..=wire::MAX_FDS).contains(n))
+            .filter(|n| WINDOW.contains(n))
             .map(Some)
             .ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    format!("{ENV_RR_WINDOW}={v:?}: expected 1 to {}", wire::MAX_FDS),
+                    format!(
+                        "{ENV_RR_WINDOW}={v:?}: expected {} to {}",
+                        WINDOW.start(),
+                        WINDOW.end()
+                    ),
                 )
             }),
     }
@@ -521,9 +568,11 @@ mod tests {
 
     #[test]
     fn a_foreign_poll_loop_drives_the_primary_with_its_fd_and_try_next_event() {
-        let mut settings = Settings::default();
-        settings.exec = Some("/bin/sh".into());
-        settings.args = Some(vec!["-c".into(), "exit 3".into()]);
+        let settings = Settings {
+            exec: Some("/bin/sh".into()),
+            args: Some(vec!["-c".into(), "exit 3".into()]),
+            ..Settings::default()
+        };
         let mut p = Primary::new(settings).unwrap();
         assert!(p.try_next_event().unwrap().is_none(), "nothing yet");
         let id = p.fork().unwrap();
@@ -549,5 +598,63 @@ mod tests {
             "{seen:?}"
         );
         assert!(p.try_next_event().unwrap().is_none());
+    }
+
+    #[test]
+    fn out_of_range_settings_are_refused_by_name_not_clamped() {
+        for (settings, field) in [
+            (
+                Settings {
+                    window: 0,
+                    ..Settings::default()
+                },
+                "window",
+            ),
+            (
+                Settings {
+                    window: 254,
+                    ..Settings::default()
+                },
+                "window",
+            ),
+            (
+                Settings {
+                    queue_limit: 0,
+                    ..Settings::default()
+                },
+                "queue_limit",
+            ),
+            (
+                Settings {
+                    backlog: 0,
+                    ..Settings::default()
+                },
+                "backlog",
+            ),
+            (
+                Settings {
+                    max_worker_handles: 0,
+                    ..Settings::default()
+                },
+                "max_worker_handles",
+            ),
+            (
+                Settings {
+                    uid: Some(65534),
+                    ..Settings::default()
+                },
+                "uid",
+            ),
+        ] {
+            let e = Primary::new(settings).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+            assert!(e.to_string().contains(field), "{field}: {e}");
+        }
+        // A change through settings_mut is checked at the next fork.
+        let mut p = Primary::new(Settings::default()).unwrap();
+        p.settings_mut().window = 1000;
+        let e = p.fork().unwrap_err();
+        assert!(e.to_string().contains("window = 1000"), "{e}");
+        assert!(p.workers().is_empty());
     }
 }

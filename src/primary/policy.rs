@@ -20,6 +20,7 @@ use crate::sys::fs;
 
 /// TCP addresses and ports a worker may listen on.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TcpRule {
     /// The address; `None` allows every address, the any address too. A
     /// request with no host (the any address, `::` or `0.0.0.0`) matches
@@ -31,8 +32,10 @@ pub struct TcpRule {
 }
 
 /// Where workers may listen (see the module docs). Empty lists allow
-/// nothing.
+/// nothing: start from `ListenRules::default()` (nothing),
+/// [`ListenRules::unprivileged`] or [`ListenRules::any`], and push rules.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct ListenRules {
     /// TCP: a request matching any rule is allowed.
     pub tcp: Vec<TcpRule>,
@@ -41,6 +44,13 @@ pub struct ListenRules {
     /// after resolving symlinks, so a symlink a worker plants in the path
     /// leads outside and is denied. `/` allows every path.
     pub unix_dirs: Vec<PathBuf>,
+}
+
+impl TcpRule {
+    /// Allows `ports` on `host` (`None`: every address).
+    pub fn new(host: Option<IpAddr>, ports: RangeInclusive<u16>) -> TcpRule {
+        TcpRule { host, ports }
+    }
 }
 
 impl ListenRules {

@@ -110,7 +110,7 @@ impl Primary {
     // Hands queued connections to workers with room, one NewConn frame per
     // worker. `force` ignores the window (final sweep).
     pub(super) fn distribute(&mut self, hid: u32, force: bool) {
-        let window = self.settings.window.clamp(1, wire::MAX_FDS);
+        let window = self.settings.window;
         let Some(h) = self.handles.get_mut(&hid) else {
             return;
         };

@@ -120,6 +120,8 @@ impl Primary {
     ) -> io::Result<u32> {
         let id = self.next_id;
         let s = &self.settings;
+        // `settings_mut` may have changed anything since the last fork.
+        s.validate()?;
         let exec = s
             .exec
             .clone()
@@ -190,8 +192,7 @@ impl Primary {
             Some(((out_r, _), (err_r, _))) => (Some(out_r), Some(err_r)),
             None => (None, None),
         };
-        let mut channel = Channel::new(ours_end, true);
-        channel.set_max_payload(self.settings.max_payload);
+        let channel = Channel::new(ours_end, true);
         if let Err(e) = self
             .epoll
             .add(channel.as_fd(), epoll::READABLE, TOKEN_WORKER | id as u64)
