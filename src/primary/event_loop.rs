@@ -60,7 +60,32 @@ impl Budget {
 
 impl Primary {
     /// Runs the loop until there is an event. `Ok(None)` once no worker is
-    /// left and nothing is pending.
+    /// left and nothing is pending. Every worker's events come in order:
+    /// `Fork`, `Online`, `Listening`..., `Disconnect`, then `Exit` last.
+    ///
+    /// ```no_run
+    /// use syncluster::{primary::Event, Role, Signal};
+    /// use std::time::Duration;
+    ///
+    /// # fn main() -> std::io::Result<()> {
+    /// if let Role::Primary(mut primary) = syncluster::role()? {
+    ///     primary.fork()?;
+    ///     while let Some(ev) = primary.next_event()? {
+    ///         match ev {
+    ///             Event::Message { id, bytes, fds } => {
+    ///                 println!("worker {id}: {} bytes, {} fds", bytes.len(), fds.len());
+    ///             }
+    ///             Event::Signal(Signal::TERM) => {
+    ///                 primary.disconnect_all(Some(Duration::from_secs(30)))?;
+    ///             }
+    ///             Event::Exit { id, status, .. } => println!("worker {id}: {status}"),
+    ///             _ => {}
+    ///         }
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn next_event(&mut self) -> io::Result<Option<Event>> {
         self.next_event_timeout(None)
     }

@@ -107,7 +107,27 @@ pub(super) struct Slot {
 }
 
 impl Primary {
-    /// Forks a worker with the settings' environment.
+    /// Forks a worker with the settings' environment (≈ `cluster.fork()`)
+    /// and returns its id once exec succeeded; an exec failure (or a
+    /// failed `chdir`/`setuid`...) is the `Err`, naming the step.
+    ///
+    /// ```no_run
+    /// use syncluster::{primary::Event, Role};
+    ///
+    /// # fn main() -> std::io::Result<()> {
+    /// if let Role::Primary(mut primary) = syncluster::role()? {
+    ///     primary.settings_mut().window = 8;
+    ///     let id = primary.fork()?;
+    ///     while let Some(ev) = primary.next_event()? {
+    ///         if let Event::Online(w) = ev {
+    ///             assert_eq!(w, id);
+    ///             break;
+    ///         }
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn fork(&mut self) -> io::Result<u32> {
         self.fork_with_env(&[] as &[(&str, &str)])
     }
