@@ -1,5 +1,6 @@
 //! Workers under another user: the drop really drops. Real processes, as
-//! root (each test that needs root says `skipped` and returns otherwise).
+//! root (each test that needs root fails otherwise, or skips with
+//! `SYNCLUSTER_TESTS_ALLOW_SKIP` set).
 //! `nobody` (65534) and `nogroup` (65534) exist on Debian; `users` (100)
 //! is only used as a gid number.
 
@@ -15,13 +16,6 @@ use syncluster::primary::Settings;
 use syncluster::sys::process;
 
 const NOBODY: u32 = 65534;
-
-fn am_root() -> bool {
-    status_field(std::process::id() as i32, "Uid:")
-        .split_whitespace()
-        .nth(1)
-        == Some("0")
-}
 
 /// The value of `field` (`"Uid:"`, `"Groups:"`) in /proc/<pid>/status, trimmed.
 fn status_field(pid: i32, field: &str) -> String {
@@ -126,8 +120,7 @@ fn deaf_worker(p: &mut Probe) -> (u32, i32) {
 
 #[test]
 fn worker_with_a_uid_dies_when_its_primary_is_killed() {
-    if !am_root() {
-        eprintln!("skipped: not root");
+    if !common::require_root("to drop privileges") {
         return;
     }
     let exe = RunnableExe::new("pdeath");
@@ -147,8 +140,7 @@ fn worker_with_a_uid_dies_when_its_primary_is_killed() {
 
 #[test]
 fn uid_without_gid_fails_the_fork_and_both_drop_every_group() {
-    if !am_root() {
-        eprintln!("skipped: not root");
+    if !common::require_root("to drop privileges") {
         return;
     }
     let exe = RunnableExe::new("uidonly");
@@ -221,8 +213,7 @@ fn ids_with_user(p: &mut Probe, spec: &str) -> (String, String, String) {
 
 #[test]
 fn set_user_takes_the_passwd_group_and_the_group_list() {
-    if !am_root() {
-        eprintln!("skipped: not root");
+    if !common::require_root("to drop privileges") {
         return;
     }
     let exe = RunnableExe::new("names");
@@ -303,8 +294,7 @@ fn bad_cwd_fails_the_fork_as_chdir() {
 
 #[test]
 fn setgid_and_setuid_failures_fail_the_fork_naming_the_call() {
-    if !am_root() {
-        eprintln!("skipped: not root");
+    if !common::require_root("to drop privileges") {
         return;
     }
     // Root may take any id but (uid_t)-1, which the kernel refuses.
@@ -344,8 +334,9 @@ fn setpriv_works() -> bool {
 
 #[test]
 fn missing_privileges_are_named_as_eperm_of_the_call() {
-    if !am_root() || !setpriv_works() {
-        eprintln!("skipped: needs root and a working setpriv");
+    if !common::require_root("to drop privileges")
+        || !common::require(setpriv_works(), "a working `setpriv`")
+    {
         return;
     }
     let exe = RunnableExe::new("eperm");

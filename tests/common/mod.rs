@@ -680,3 +680,46 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> io::Result<String>
     }
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
+
+/// Set to skip, loudly, the tests that need root or a tool the project's
+/// `.ci/run` installs, on a machine that lacks them. Unset (CI), a missing
+/// requirement fails the test: a test that passes without checking
+/// anything would hide a broken setup.
+pub const ALLOW_SKIP: &str = "SYNCLUSTER_TESTS_ALLOW_SKIP";
+
+/// True when `have`; otherwise a skip (with [`ALLOW_SKIP`] set) or a
+/// failure naming what is missing.
+pub fn require(have: bool, what: &str) -> bool {
+    if have {
+        return true;
+    }
+    if std::env::var_os(ALLOW_SKIP).is_some() {
+        eprintln!("skipped ({ALLOW_SKIP} is set): needs {what}");
+        return false;
+    }
+    panic!("this test needs {what} (.ci/run provides it; set {ALLOW_SKIP}=1 to skip instead)");
+}
+
+/// [`require`] root: workers under another uid, namespaces, privileged ports.
+pub fn require_root(why: &str) -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false);
+    require(root, &format!("root ({why})"))
+}
+
+/// [`require`] a program on the PATH (or at an absolute path).
+pub fn require_tool(name: &str) -> bool {
+    let found = if name.starts_with('/') {
+        std::path::Path::new(name).exists()
+    } else {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+    };
+    require(found, &format!("`{name}`"))
+}

@@ -9,7 +9,7 @@
 //! Tests that need Python look for `/usr/bin/python3` the same way.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,20 +28,11 @@ const MAX_RSS_KB: usize = 32 * 1024;
 
 fn python() -> Option<&'static str> {
     let p = "/usr/bin/python3";
-    if Path::new(p).exists() {
-        Some(p)
-    } else {
-        eprintln!("skipped: no {p}");
-        None
-    }
+    crate::common::require_tool(p).then_some(p)
 }
 
 fn is_root() -> bool {
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    if !root {
-        eprintln!("skipped: needs root to run workers as uid {NOBODY}");
-    }
-    root
+    crate::common::require_root(&format!("to run workers as uid {NOBODY}"))
 }
 
 /// A fresh 0755 directory under /tmp with `claims.py` in it (0644), so that
@@ -540,8 +531,7 @@ fn prlimit_nofile(pid: i32, n: u64) {
 /// is not killed; once fds are back, it listens and serves.
 #[test]
 fn emfile_in_the_primary_fails_the_query_not_the_worker() {
-    if Command::new("prlimit").arg("--version").output().is_err() {
-        eprintln!("skipped: no prlimit");
+    if !crate::common::require_tool("prlimit") {
         return;
     }
     let mut p = Probe::start();
@@ -761,14 +751,15 @@ fn pid1_primary_reaps_orphans_that_are_not_workers() {
     if !is_root() {
         return;
     }
-    let Some(mut init) = Init::start() else {
-        eprintln!("skipped: no unshare");
-        return;
-    };
-    if !init.ask("workers", "").starts_with("workers") {
-        eprintln!("skipped: unshare --pid failed: {:?}", init.log);
+    if !crate::common::require_tool("unshare") {
         return;
     }
+    let mut init = Init::start().expect("unshare --pid --fork starts the probe");
+    assert!(
+        init.ask("workers", "").starts_with("workers"),
+        "unshare --pid failed: {:?}",
+        init.log
+    );
     let s = Scratch::new();
     let script = s.0.join("orphan.sh");
     std::fs::write(&script, "sleep 0.3 &\nsleep 0.3 &\nexit 0\n").unwrap();
