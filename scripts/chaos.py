@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 
+import hostile
 from harness import (HOST, ROOT, Server, alive, cleanup_all, cpu_ms, fd_count, free_port, now,
                      rss_kb, run_wrk, send, wait_until)
 
@@ -749,7 +750,8 @@ SCENARIOS = [
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short run (about 2 minutes)")
-    ap.add_argument("--only", help="comma-separated scenario keys: " + ",".join(k for _, k, _ in SCENARIOS))
+    ap.add_argument("--only", help="comma-separated scenario keys: "
+                    + ",".join(k for _, k, _ in SCENARIOS + hostile.scenarios(True)))
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     if not os.path.exists(HELLO):
@@ -761,7 +763,7 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     rows = []
     t_all = now()
-    for title, key, fn in SCENARIOS:
+    for title, key, fn in SCENARIOS + hostile.scenarios(args.quick):
         if only and key not in only:
             continue
         log(f"== {title}")

@@ -2,7 +2,8 @@
 # Fault suite of examples/hello.rs (syncluster's hello-world cluster) under
 # load: worker kills (beside Node's cluster), rolling reloads, graceful stop,
 # fd exhaustion, a 200,000-connection soak, slowloris, a rogue and a hung
-# worker, and the primary's death. Loopback only; every process it starts is
+# worker, the primary's death, and hostile workers (floods, lies) beside an
+# honest one. Loopback only; every process it starts is
 # signalled by exact pid.
 #   scripts/chaos.sh           full run (about 1 minute here, at most ~10)
 #   scripts/chaos.sh --quick   about 40 seconds (at most ~2 minutes)
@@ -15,5 +16,5 @@ if ! command -v wrk >/dev/null; then
     apt-get update && apt-get install -y wrk
 fi
 command -v node >/dev/null || echo "node not found: Node's cluster will be skipped" >&2
-cargo build --release --example hello
+cargo build --release --example hello --example cluster_probe
 exec python3 scripts/chaos.py "$@"
