@@ -7,6 +7,7 @@ use crate::sys::epoll;
 
 /// Readiness interest for `Worker::register` and `Primary::register`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Interest {
     /// Wake when readable (or the peer hung up).
     pub readable: bool,

@@ -82,6 +82,7 @@ impl Default for Config {
 /// What [`Supervisor::next_event`] reports: the primary's own events, plus
 /// what the supervisor did about them.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Notice {
     /// An event of the primary, passed through.
     Cluster(Event),

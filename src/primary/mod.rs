@@ -125,6 +125,7 @@ pub const SIGNALS: [i32; 8] = [
 
 /// Whether worker stdout/stderr are inherited or piped to the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Stdio {
     /// Workers write to the primary's own stdout/stderr (the default).
     #[default]

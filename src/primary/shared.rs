@@ -15,6 +15,7 @@ use crate::sys::{fs, socket};
 
 /// Where a handle listens, with port 0 resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Address {
     /// A TCP address.
     Tcp(SocketAddr),

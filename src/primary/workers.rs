@@ -27,6 +27,7 @@ const CHANNEL_FD: i32 = 3;
 
 /// A worker's state, as Node names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum State {
     /// Forked; no frame yet.
     None,
@@ -43,6 +44,7 @@ pub enum State {
 
 /// How a worker process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ExitStatus {
     /// It exited with this code.
     Code(i32),
@@ -61,6 +63,7 @@ impl std::fmt::Display for ExitStatus {
 
 /// A worker as [`Primary::workers`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WorkerInfo {
     /// Worker id, 1, 2, 3, ... never reused.
     pub id: u32,
