@@ -164,7 +164,7 @@ use std::process::exit;
 use std::time::Duration;
 
 use syncluster::ipc::wire::{Header, Kind};
-use syncluster::primary::{Event, ExitStatus, ListenRules, State, TcpRule, ENV_CHANNEL_FD};
+use syncluster::primary::{Event, ExitStatus, ListenRules, TcpRule, ENV_CHANNEL_FD};
 use syncluster::worker::{Event as WorkerEvent, Interest, Listener, Stream};
 use syncluster::{sys, Policy, Primary, Role, Signal, Worker};
 
@@ -435,13 +435,7 @@ fn command(p: &mut Primary, extra: &mut Extra, line: &str) -> Result<Option<Stri
                 .workers()
                 .iter()
                 .map(|w| {
-                    let state = match w.state {
-                        State::None => "none",
-                        State::Online => "online",
-                        State::Listening => "listening",
-                        State::Disconnected => "disconnected",
-                        State::Dead => "dead",
-                    };
+                    let state = w.state;
                     format!(
                         "{}:{state}:{}:{}",
                         w.id, w.exited_after_disconnect, w.in_flight

@@ -42,6 +42,20 @@ pub enum State {
     Dead,
 }
 
+impl std::fmt::Display for State {
+    /// Node's `worker.state` names: `none`, `online`, `listening`,
+    /// `disconnected`, `dead`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::None => "none",
+            State::Online => "online",
+            State::Listening => "listening",
+            State::Disconnected => "disconnected",
+            State::Dead => "dead",
+        })
+    }
+}
+
 /// How a worker process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
