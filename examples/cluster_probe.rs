@@ -1,17 +1,18 @@
 //! `cluster_probe`: the scriptable cluster the integration tests drive.
 //!
-//! One program, primary or worker by `syncluster::role()` (except the raw
-//! channel modes below). It is also a compact tour of the API: the primary
-//! is one [`Primary::next_event_timeout`] loop with stdin registered in it,
-//! the worker one [`Worker::next_event`] loop.
+//! One program, primary or worker by `syncluster::role()`, written with the
+//! public API only. It is also a compact tour of that API: the primary is
+//! one [`Primary::next_event_timeout`] loop with stdin registered in it, the
+//! worker one [`Worker::next_event`] loop.
 //!
 //! # Primary
 //!
-//! Reads commands from stdin, one per line (fd 0 is registered with
+//! Reads commands from stdin, one per line (a thread copies fd 0 into a
+//! socketpair whose read end is registered with
 //! `Primary::register(fd, 0, Interest::READABLE)`; what is available is read
 //! on `Event::Ready` and split into lines; when `next_event_timeout(Some(100ms))`
-//! returns `None` and `primary.workers()` is empty, stdin is polled again with
-//! a blocking-with-timeout wait — never a busy loop). Prints one line per
+//! returns `None` and `primary.workers()` is empty, that socket is read with
+//! a 100 ms timeout instead — never a busy loop). Prints one line per
 //! event or answer to stdout and flushes after each line. EOF on stdin:
 //! SIGKILL all workers, reap them, exit 0.
 //!
@@ -30,7 +31,7 @@
 //! - `fork [KEY=VALUE ...]` → `forked <id>` (or `err fork <msg>`); the Fork
 //!   event prints `fork <id>` too
 //! - `send <id> <text...>` ; `sendfd <id> <text...>`: sends the text with one
-//!   fd, the read end of a pipe whose write end got `fdtext` and was closed
+//!   fd, one end of a socketpair whose other end wrote `fdtext` and closed
 //! - `sendbig <id> <n>`: sends a message of exactly `n` bytes, `big ` then
 //!   `x`s; an error answers `err sendbig <io::ErrorKind debug>: <message>`
 //!   (addition for the channel caps)
@@ -81,7 +82,7 @@
 //! listener. Additions for the tests: `sleep MS` → sends `sleeping:MS`,
 //! blocks MS milliseconds (deaf to the channel meanwhile), then sends
 //! `slept:MS`; `burst N` → sends `burst:0` .. `burst:<N-1>` then exits 3 at
-//! once; `givefd` → sends `givefd` with one fd, a pipe holding `giventext`;
+//! once; `givefd` → sends `givefd` with one fd, a socket holding `giventext`;
 //! `hogfds` → opens `/dev/null` until that fails (EMFILE), keeps them, sends
 //! `hogged:<n>`; `freefds` → closes them, sends `freed:<n>`; `role` → calls
 //! `syncluster::role()` again, sends `role:ok:primary`, `role:ok:worker <id>`
@@ -100,9 +101,12 @@
 //! On `Event::Disconnect`: sends `served:<n>` (connections served) then exits
 //! with `PROBE_DISCONNECT_CODE` (default 0).
 //!
-//! Before any mode, right after `role()`, in this order: `PROBE_NO_PDEATHSIG`
-//! set → the worker clears its parent-death signal (only the channel's EOF
-//! then tells it the primary died); `PROBE_PAUSE_MS=N` → sleeps N ms;
+//! Before `role()`: `PROBE_NO_PDEATHSIG` set → the worker clears its
+//! parent-death signal (only the channel's EOF then tells it the primary
+//! died) by re-executing itself through `python3`, which calls
+//! `prctl(PR_SET_PDEATHSIG, 0)` and execs the probe again: the pid, the
+//! environment and the inherited channel fd stay. Then, right after
+//! `role()`, in this order: `PROBE_PAUSE_MS=N` → sleeps N ms;
 //! `PROBE_STOP_SIGNALS=primary` → `worker.leave_stop_signals_to_primary()`
 //! (an error ends the worker: `error: ...`, exit 1).
 //!
@@ -118,15 +122,16 @@
 //!   that long; write `worker <id>\n`, close (with `PROBE_HOLD` set: keep it
 //!   open until `release`); count it. For a Unix listener the same line is
 //!   written.
-//! - `foreign`: `listen`, but the loop is the probe's own: `poll(2)` (the
-//!   crate's `sys::poll`) on `worker.as_fd()` for at most
-//!   `worker.poll_timeout()`, then `worker.try_next_event()` until `None`;
-//!   events are handled as in `listen`.
+//! - `foreign`: `listen`, but the loop is a foreign one: `poll(2)` on
+//!   `worker.as_fd()` for at most `worker.poll_timeout()` (done by a
+//!   `python3` helper, see `ForeignPoll`), then `worker.try_next_event()`
+//!   until `None`; events are handled as in `listen`.
 //! - `foreign-accept`: one listener on PROBE_ADDR in non-blocking mode,
-//!   sends `listening:<addr>`; `poll(2)` on `listener.as_fd()`, then
-//!   `listener.accept()` until `WouldBlock`; each connection sends
-//!   `peer:<peer address>` and is served as in `listen`. `ConnectionAborted`
-//!   (disconnect) sends `served:<n>` and exits 0. Messages are not read.
+//!   sends `listening:<addr>`; `poll(2)` on `listener.as_fd()` (the same
+//!   helper), then `listener.accept()` until `WouldBlock`; each connection
+//!   sends `peer:<peer address>` and is served as in `listen`.
+//!   `ConnectionAborted` (disconnect) sends `served:<n>` and exits 0.
+//!   Messages are not read.
 //! - `accept`: the simplest worker: one listener on PROBE_ADDR,
 //!   `for s in listener.incoming()` write `worker <id>\n` (`PROBE_HOLD`:
 //!   keep it open); after the loop ends
@@ -134,14 +139,10 @@
 //!   and exits 1.)
 //! - `hang`: listens on PROBE_ADDR, takes one connection and then sleeps
 //!   forever without answering.
-//! - raw channel modes, which do NOT call role(): read `SYNCLUSTER_CHANNEL_FD`,
-//!   `syncluster::sys::inherit::adopt_channel(fd)`, send an Online frame
-//!   properly first (`wire::Header{kind: Online, flags:0, nfds:0, seq:0,
-//!   len:0}.encode()` via `sys::msg::send`), then: `garbage` (64 pseudo-random
-//!   bytes), `oversize` (a User header announcing 100 MiB), `badfds` (a User
-//!   header announcing 2 fds sent with 1 fd), `badkind` (a well-formed
-//!   `NewConn` frame, which a worker may not send); then sleep 30 s (the
-//!   primary must kill it).
+//!
+//! Workers that break the channel protocol are not the probe's business:
+//! `tests/hostile/worker.py` writes frames by hand (`garbage`, `oversize`,
+//! `badfds`, `badkind`, ...).
 //!
 //! # Errors
 //!
@@ -157,20 +158,20 @@
 //! process with `error: <e>` on stderr and exit 1.
 
 use std::fs::File;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::exit;
+use std::process::{exit, Command, Stdio};
 use std::time::Duration;
 
-use syncluster::ipc::wire::{Header, Kind};
 use syncluster::primary::{Event, ExitStatus, ListenRules, TcpRule, ENV_CHANNEL_FD};
 use syncluster::worker::{Event as WorkerEvent, Interest, Listener, Stream};
-use syncluster::{sys, Policy, Primary, Role, Signal, Worker};
+use syncluster::{Policy, Primary, Role, Signal, Worker};
 
 /// The token stdin is registered with in the primary's loop.
 const STDIN: u64 = 0;
-const RAW_MODES: [&str; 4] = ["garbage", "oversize", "badfds", "badkind"];
 
 fn main() {
     if std::env::var_os("PROBE_THREAD_FIRST").is_some_and(|v| v == "1") {
@@ -179,10 +180,11 @@ fn main() {
         });
     }
     let mode = std::env::var("PROBE_MODE").unwrap_or_else(|_| "idle".to_string());
-    if RAW_MODES.contains(&mode.as_str()) && std::env::var_os(ENV_CHANNEL_FD).is_some() {
-        if let Err(e) = raw_worker(&mode) {
-            eprintln!("error: {e}");
-        }
+    if std::env::var_os("PROBE_NO_PDEATHSIG").is_some_and(|v| v != "cleared")
+        && std::env::var_os(ENV_CHANNEL_FD).is_some()
+    {
+        let e = clear_pdeathsig_and_reexec();
+        eprintln!("error: clearing the parent-death signal: {e}");
         exit(1);
     }
     let role = match syncluster::role() {
@@ -220,9 +222,7 @@ struct Extra {
 }
 
 fn run_primary(mut primary: Primary) -> io::Result<()> {
-    // A duplicate of fd 0 read with plain read(2): std's buffered stdin
-    // could keep bytes that epoll would then never report.
-    let mut stdin = File::from(io::stdin().as_fd().try_clone_to_owned()?);
+    let mut stdin = stdin_socket()?;
     primary.register(stdin.as_fd(), STDIN, Interest::READABLE)?;
     let mut pending = Vec::new();
     let mut extra = Extra::default();
@@ -245,16 +245,8 @@ fn run_primary(mut primary: Primary) -> io::Result<()> {
                 false
             }
             // With no workers the primary's loop returns at once without
-            // waiting, so wait on stdin here (100 ms at most).
-            None if primary.workers().is_empty() => {
-                let mut revents = [0i16; 1];
-                sys::poll::poll(
-                    &[(stdin.as_fd(), sys::poll::IN)],
-                    &mut revents,
-                    Some(Duration::from_millis(100)),
-                )?;
-                revents[0] != 0
-            }
+            // waiting, so wait on stdin here: the read times out after 100 ms.
+            None if primary.workers().is_empty() => true,
             None => false,
         };
         if ready && !read_commands(&mut primary, &mut extra, &mut stdin, &mut pending)? {
@@ -264,17 +256,43 @@ fn run_primary(mut primary: Primary) -> io::Result<()> {
     }
 }
 
+/// A socket that gets whatever arrives on fd 0, copied by a thread, and
+/// reads with a 100 ms timeout. The primary's loop waits on it like on any
+/// fd; a read of it blocks 100 ms at most. It reads EOF once stdin did.
+fn stdin_socket() -> io::Result<UnixStream> {
+    let (ours, mut theirs) = UnixStream::pair()?;
+    ours.set_read_timeout(Some(Duration::from_millis(100)))?;
+    // Started after `Primary::new`, so it has the primary's signals blocked
+    // too: it takes none of them.
+    std::thread::spawn(move || {
+        // A duplicate of fd 0 read with plain read(2): std's buffered stdin
+        // could keep bytes back.
+        if let Ok(fd) = io::stdin().as_fd().try_clone_to_owned() {
+            let _ = io::copy(&mut File::from(fd), &mut theirs);
+        }
+        // Dropping `theirs`: EOF for the primary.
+    });
+    Ok(ours)
+}
+
 /// Reads what stdin has and runs every complete line; `false` at EOF.
 fn read_commands(
     primary: &mut Primary,
     extra: &mut Extra,
-    stdin: &mut File,
+    stdin: &mut UnixStream,
     pending: &mut Vec<u8>,
 ) -> io::Result<bool> {
     let mut chunk = [0u8; 64 * 1024];
     let n = match stdin.read(&mut chunk) {
         Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Ok(true)
+        }
         Err(e) => return Err(e),
     };
     if n == 0 {
@@ -405,7 +423,7 @@ fn command(p: &mut Primary, extra: &mut Extra, line: &str) -> Result<Option<Stri
             if word == "send" {
                 p.send(id, text.as_bytes(), &[]).map_err(err)?;
             } else {
-                let fd = pipe_holding(b"fdtext").map_err(err)?;
+                let fd = fd_holding(b"fdtext").map_err(err)?;
                 p.send(id, text.as_bytes(), &[fd.as_fd()]).map_err(err)?;
                 // `fd` closes here: the channel sent it, or queued a dup.
             }
@@ -602,11 +620,12 @@ fn big(n: usize) -> Vec<u8> {
     v
 }
 
-/// The read end of a pipe whose write end got `content` and was closed.
-fn pipe_holding(content: &[u8]) -> io::Result<OwnedFd> {
-    let (read_end, write_end) = sys::process::pipe()?;
-    File::from(write_end).write_all(content)?;
-    Ok(read_end)
+/// One end of a socketpair whose other end wrote `content` and closed:
+/// reading it gives `content`, then EOF.
+fn fd_holding(content: &[u8]) -> io::Result<OwnedFd> {
+    let (read_end, mut write_end) = UnixStream::pair()?;
+    write_end.write_all(content)?;
+    Ok(read_end.into())
 }
 
 // ---------------------------------------------------------------- worker
@@ -642,10 +661,6 @@ fn whoami() -> String {
 }
 
 fn run_worker(worker: Worker, mode: &str) -> io::Result<()> {
-    if std::env::var_os("PROBE_NO_PDEATHSIG").is_some() {
-        // Only the channel's EOF can then tell this worker the primary died.
-        sys::process::set_pdeathsig(0)?;
-    }
     if let Some(ms) = env_num::<u64>("PROBE_PAUSE_MS") {
         std::thread::sleep(Duration::from_millis(ms));
     }
@@ -749,13 +764,12 @@ impl Probe {
     /// The worker inside a loop of the program's own: `poll(2)` on the
     /// worker's fd, then `try_next_event` until it has nothing.
     fn foreign_loop(&mut self) -> io::Result<()> {
+        let mut poll = ForeignPoll::new(self.worker.as_fd())?;
         loop {
             while let Some(event) = self.worker.try_next_event()? {
                 self.on_event(event)?;
             }
-            let timeout = self.worker.poll_timeout();
-            let mut rev = [0i16; 1];
-            sys::poll::poll(&[(self.worker.as_fd(), sys::poll::IN)], &mut rev, timeout)?;
+            poll.wait(self.worker.poll_timeout())?;
         }
     }
 
@@ -766,6 +780,7 @@ impl Probe {
         let listener = self.worker.listen(&addr)?;
         listener.set_nonblocking(true)?;
         self.say(&format!("listening:{}", listener.local_addr()?))?;
+        let mut poll = ForeignPoll::new(listener.as_fd())?;
         loop {
             match listener.accept() {
                 Ok((stream, peer)) => {
@@ -773,9 +788,7 @@ impl Probe {
                     self.serve(stream);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let timeout = self.worker.poll_timeout();
-                    let mut rev = [0i16; 1];
-                    sys::poll::poll(&[(listener.as_fd(), sys::poll::IN)], &mut rev, timeout)?;
+                    poll.wait(self.worker.poll_timeout())?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {
                     let _ = self.say(&format!("served:{}", self.served));
@@ -900,7 +913,7 @@ impl Probe {
                 }
             }
             "givefd" => {
-                let fd = pipe_holding(b"giventext")?;
+                let fd = fd_holding(b"giventext")?;
                 self.worker.send(b"givefd", &[fd.as_fd()])
             }
             "hogfds" => {
@@ -925,63 +938,101 @@ impl Probe {
     }
 }
 
-// ---------------------------------------------------------------- raw modes
+// ---------------------------------------------------------------- foreign
 
-/// Writes all of `bytes` on `fd`, the `fds` riding on the first byte.
-fn send_raw(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let mut sent = 0;
-    while sent < bytes.len() {
-        let with = if sent == 0 { fds } else { &[] };
-        sent += sys::msg::send(fd, &[IoSlice::new(&bytes[sent..])], with, false)?;
-    }
-    Ok(())
+/// The `python3` side of [`ForeignPoll`]: fd 0 is the fd to wait on, fd 1 a
+/// socket to the probe. Each line the probe writes is a timeout in ms (-1:
+/// none); the answer is `ready` or `timeout`. EOF (or anything unasked) on
+/// fd 1 means the probe is gone: exit.
+const POLL_HELPER: &str = r#"
+import select, socket, sys
+ctl = socket.socket(fileno=1)
+p = select.poll()
+p.register(0, select.POLLIN)
+p.register(1, select.POLLIN)
+buf = b""
+while True:
+    while b"\n" not in buf:
+        more = ctl.recv(64)
+        if not more:
+            sys.exit(0)
+        buf += more
+    line, buf = buf.split(b"\n", 1)
+    ms = int(line)
+    ready = dict(p.poll(None if ms < 0 else ms))
+    if 1 in ready:
+        sys.exit(0)
+    ctl.sendall(b"ready\n" if 0 in ready else b"timeout\n")
+"#;
+
+/// `poll(2)` on one fd by a loop that is not the crate's: a `python3`
+/// process with a duplicate of the fd as its stdin, the foreign loop the
+/// `foreign` modes live in. One helper per fd, for the probe's life.
+struct ForeignPoll {
+    helper: std::process::Child,
+    ctl: BufReader<UnixStream>,
 }
 
-/// A worker that breaks the protocol on purpose, after a proper Online.
-fn raw_worker(mode: &str) -> io::Result<()> {
-    let raw = std::env::var(ENV_CHANNEL_FD)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad channel fd"))?;
-    let (channel, _primary_pid) = sys::inherit::adopt_channel(raw)?;
-    let ch = channel.as_fd();
-    let header = |kind, nfds, len| {
-        Header {
-            kind,
-            flags: 0,
-            nfds,
-            seq: 0,
-            len,
-        }
-        .encode()
-    };
-    send_raw(ch, &header(Kind::Online, 0, 0), &[])?;
-    match mode {
-        "garbage" => {
-            // xorshift64 from a fixed seed: the same 64 bytes every run,
-            // which do not start with the frame magic.
-            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-            let bytes: Vec<u8> = (0..64)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x >> 24) as u8
-                })
-                .collect();
-            assert_ne!(&bytes[..2], &[0x43, 0x53]);
-            send_raw(ch, &bytes, &[])?;
-        }
-        "oversize" => send_raw(ch, &header(Kind::User, 0, 100 << 20), &[])?,
-        "badfds" => {
-            let mut frame = header(Kind::User, 2, 4).to_vec();
-            frame.extend_from_slice(b"fds!");
-            let fd = pipe_holding(b"x")?;
-            send_raw(ch, &frame, &[fd.as_fd()])?;
-        }
-        "badkind" => send_raw(ch, &header(Kind::NewConn, 0, 0), &[])?,
-        _ => unreachable!("checked by main"),
+impl ForeignPoll {
+    fn new(fd: BorrowedFd<'_>) -> io::Result<ForeignPoll> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let helper = Command::new("python3")
+            .args(["-c", POLL_HELPER])
+            .stdin(Stdio::from(fd.try_clone_to_owned()?))
+            .stdout(Stdio::from(OwnedFd::from(theirs)))
+            .spawn()?;
+        Ok(ForeignPoll {
+            helper,
+            ctl: BufReader::new(ours),
+        })
     }
-    std::thread::sleep(Duration::from_secs(30));
-    Ok(())
+
+    /// Waits until the fd is readable (`true`) or `timeout` passed.
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
+        let ms = timeout.map_or(-1, |t| {
+            ((t.as_micros() + 999) / 1000).min(i32::MAX as u128) as i64
+        });
+        writeln!(self.ctl.get_mut(), "{ms}")?;
+        let mut answer = String::new();
+        self.ctl.read_line(&mut answer)?;
+        match answer.trim_end() {
+            "ready" => Ok(true),
+            "timeout" => Ok(false),
+            other => Err(io::Error::new(
+                io::ErrorKind::Other,
+                format!("the poll helper answered {other:?}"),
+            )),
+        }
+    }
+}
+
+impl Drop for ForeignPoll {
+    fn drop(&mut self) {
+        let _ = self.helper.kill();
+        let _ = self.helper.wait();
+    }
+}
+
+/// Clears this worker's parent-death signal and execs the probe again,
+/// before `role()` (the channel fd is not close-on-exec yet): `python3`
+/// calls `prctl(PR_SET_PDEATHSIG, 0)` for the process it runs as, and exec
+/// keeps the pid, so the worker is the same process. Returns only on error.
+fn clear_pdeathsig_and_reexec() -> io::Error {
+    // PR_SET_PDEATHSIG is 1.
+    const CLEAR: &str = r#"
+import ctypes, os, sys
+if ctypes.CDLL(None, use_errno=True).prctl(1, 0, 0, 0, 0) != 0:
+    sys.exit("prctl: errno %d" % ctypes.get_errno())
+os.execv(sys.argv[1], sys.argv[1:])
+"#;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return e,
+    };
+    Command::new("python3")
+        .args(["-c", CLEAR])
+        .arg(exe)
+        .args(std::env::args_os().skip(1))
+        .env("PROBE_NO_PDEATHSIG", "cleared")
+        .exec()
 }

@@ -36,7 +36,6 @@ use std::time::Duration;
 
 use http::Server;
 use syncluster::primary::{Address, Event as PrimaryEvent, ExitStatus};
-use syncluster::protocol::Endpoint;
 use syncluster::supervisor::{self, Notice, Supervisor};
 use syncluster::{Policy, Primary, Role, Worker};
 
@@ -169,12 +168,14 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
         }
     }
     // Catch a bad host here, once, rather than in every worker.
-    match Endpoint::parse(&opts.listen_addr()) {
-        Ok(Endpoint::Tcp(..)) => Ok(Some(opts)),
-        _ => Err(format!(
+    let host = opts.host.trim_start_matches('[').trim_end_matches(']');
+    if matches!(host, "localhost" | "" | "*") || host.parse::<std::net::IpAddr>().is_ok() {
+        Ok(Some(opts))
+    } else {
+        Err(format!(
             "--host {:?}: expected an IP address or localhost",
             opts.host
-        )),
+        ))
     }
 }
 

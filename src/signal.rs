@@ -116,9 +116,3 @@ impl From<Signal> for i32 {
         s.0
     }
 }
-
-// Raw numbers, until every API takes `Signal`.
-#[doc(hidden)]
-pub use crate::sys::signal::{
-    SIGCHLD, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
-};

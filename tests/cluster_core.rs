@@ -15,11 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use syncluster::ipc::wire::{Header, Kind};
-
 use common::{
-    children_of, count_fds, exact, is_alive, output_within, pred, probe_path, wait_until, Probe,
-    DEADLINE,
+    children_of, count_fds, exact, fork_hostile, is_alive, kill, output_within, pred, probe_path,
+    wait_until, Probe, DEADLINE,
 };
 
 const T: Duration = DEADLINE;
@@ -367,17 +365,18 @@ fn stdin_eof_kills_workers_and_exits_0() {
 fn sigterm_to_the_primary_is_an_event() {
     let mut p = Probe::start();
     p.fds(); // Up and answering: the signals are blocked by now.
-    syncluster::sys::process::kill(p.pid(), 15).unwrap();
+    kill(p.pid(), 15).unwrap();
     p.expect_line("signal 15", T);
     p.fork_online("");
-    syncluster::sys::process::kill(p.pid(), 2).unwrap();
+    kill(p.pid(), 2).unwrap();
     p.expect_line("signal 2", T);
     assert_eq!(p.workers(), "1:online:false:0");
 }
 
 /// test-cluster-invalid-message: a worker that breaks the channel protocol
-/// is reported (`error`), killed (signal 9) and forgotten (one disconnect,
-/// one exit), its fds are closed, and the other workers go on.
+/// (`tests/hostile/worker.py`, which writes its frames by hand) is reported
+/// (`error`), killed (signal 9) and forgotten (one disconnect, one exit),
+/// its fds are closed, and the other workers go on.
 #[test]
 fn protocol_breakers_are_killed_and_leak_nothing() {
     let mut p = Probe::start();
@@ -389,7 +388,7 @@ fn protocol_breakers_are_killed_and_leak_nothing() {
         ("badkind", "may not send NewConn"),
     ] {
         let before = p.fds();
-        let id = p.fork(&format!("PROBE_MODE={mode}"));
+        let id = fork_hostile(&mut p, mode);
         let err = p.expect(format!("error {id} "), T);
         assert!(err.contains(why), "{mode}: {err}");
         p.expect_line(&format!("exit {id} signal=9 ead=false"), T);
@@ -425,65 +424,21 @@ fn disconnect_all_with_no_workers() {
     assert_eq!(p.ask("addresses", "addresses "), "addresses ");
 }
 
-/// One frame as bytes, built with the crate's own header encoder.
-fn frame(kind: Kind, seq: u32, payload: &[u8]) -> Vec<u8> {
-    let mut v = Header {
-        kind,
-        flags: 0,
-        nfds: 0,
-        seq,
-        len: payload.len() as u32,
-    }
-    .encode()
-    .to_vec();
-    v.extend_from_slice(payload);
-    v
-}
-
-/// A `printf` format that writes exactly `bytes`.
-fn printf_octal(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("\\{b:03o}")).collect()
-}
-
 /// LIBRARY BUG (src/primary/mod.rs, `on_frame`, `Kind::Listening`): a
 /// worker's `Listening` frame for a handle the primary closed meanwhile
 /// (here by `disconnect_all`, between its QueryReply and the worker's
 /// Listening) is treated as a protocol violation: `error`, SIGKILL. It is a
 /// plain race — `cluster.disconnect()` during start-up — and the worker did
 /// nothing wrong. Seen first with a real `listen` worker forked just before
-/// `disconnect_all`; made deterministic here by a shell "worker" that
-/// writes the frames itself and waits for a flag file between the query and
-/// `Listening`.
+/// `disconnect_all`; made deterministic here by the Python hostile worker
+/// (`late-listening` mode), which writes the frames itself and waits for a
+/// flag file between the query and `Listening`.
 #[test]
 fn listening_for_a_handle_closed_meanwhile_is_not_a_protocol_error() {
     let dir = scratch_dir("late-listening");
     let flag = dir.join("go");
-    let mut query = vec![0u8]; // tag: an IP address
-    query.extend_from_slice(&0u32.to_le_bytes()); // index
-    query.extend_from_slice(&0u32.to_le_bytes()); // backlog: default
-    query.extend_from_slice(&0u16.to_le_bytes()); // port 0
-    query.extend_from_slice(b"127.0.0.1");
-    let script = format!(
-        "printf '{}' >&3\n\
-         while [ ! -e {flag} ]; do sleep 0.01; done\n\
-         printf '{}' >&3\n\
-         exec sleep 30\n",
-        printf_octal(
-            &[
-                frame(Kind::Online, 0, &[]),
-                frame(Kind::QueryServer, 1, &query)
-            ]
-            .concat()
-        ),
-        printf_octal(&frame(Kind::Listening, 1, &[])),
-        flag = flag.display(),
-    );
-    let path = dir.join("late-listening.sh");
-    std::fs::write(&path, script).unwrap();
     let mut p = Probe::start();
-    p.ask("set exec /bin/sh", "ok set");
-    p.ask(&format!("set args {}", path.display()), "ok set");
-    let id = p.fork_online("");
+    let id = fork_hostile(&mut p, &format!("late-listening {}", flag.display()));
     // The query was served: handle 1 exists.
     assert!(wait_until(T, || p.ask("addresses", "addresses ") != "addresses "));
     // It is closed before the worker says Listening.

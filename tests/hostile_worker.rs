@@ -11,8 +11,8 @@
 //! ([`Clients`]).
 //!
 //! One module per family of misbehaviour; add yours next to `channel`.
-//! Helpers here: [`fork_hostile`], [`honest_worker`], [`Sampler`],
-//! [`Clients`], [`rss_kb`].
+//! Helpers: [`fork_hostile`] (in `tests/common`), [`honest_worker`],
+//! [`Sampler`], [`Clients`], [`rss_kb`].
 
 mod common;
 
@@ -21,34 +21,12 @@ mod channel;
 #[path = "hostile_worker/primary.rs"]
 mod primary;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::{count_fds, probe_path, tcp_line, Probe, DEADLINE};
-
-/// The hostile worker script.
-pub fn worker_py() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/worker.py")
-}
-
-/// Forks `python3 worker.py <mode_args>` as a worker, waits for its
-/// `online`, and sets exec and args back to the probe's, so that later
-/// forks are probe workers again. Returns the worker id.
-pub fn fork_hostile(p: &mut Probe, mode_args: &str) -> u32 {
-    p.ask("set exec /usr/bin/env", "ok set");
-    p.ask(
-        &format!("set args python3 {} {mode_args}", worker_py().display()),
-        "ok set",
-    );
-    let id = p.fork("");
-    p.ask(&format!("set exec {}", probe_path().display()), "ok set");
-    p.ask("set args", "ok set");
-    p.expect(common::exact(format!("online {id}")), DEADLINE);
-    id
-}
+use common::{count_fds, fork_hostile, tcp_line, Probe, DEADLINE};
 
 /// Forks a probe worker listening on 127.0.0.1:0; returns its id and address.
 pub fn honest_worker(p: &mut Probe) -> (u32, String) {

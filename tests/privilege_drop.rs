@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use common::{exact, is_alive, output_within, probe_path, wait_until, Probe, DEADLINE as T};
 use syncluster::primary::Settings;
-use syncluster::sys::process;
 
 const NOBODY: u32 = 65534;
 
@@ -85,7 +84,7 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         for &pid in &self.0 {
             if is_alive(pid) {
-                let _ = syncluster::sys::process::kill(pid, 9);
+                let _ = common::kill(pid, 9);
             }
         }
     }
@@ -316,9 +315,11 @@ fn setgid_and_setuid_failures_fail_the_fork_naming_the_call() {
 /// Runs `cmd` (the probe, maybe under a wrapper) with `script` on stdin;
 /// the probe ends at EOF. Returns its stdout.
 fn run_script(mut cmd: Command, script: &str) -> String {
-    let (read_end, write_end) = process::pipe().unwrap();
-    std::io::Write::write_all(&mut std::fs::File::from(write_end), script.as_bytes()).unwrap();
-    cmd.stdin(read_end).current_dir("/");
+    let (read_end, mut write_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    std::io::Write::write_all(&mut write_end, script.as_bytes()).unwrap();
+    drop(write_end);
+    cmd.stdin(std::os::fd::OwnedFd::from(read_end))
+        .current_dir("/");
     let out = output_within(cmd, T);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{out:?}");

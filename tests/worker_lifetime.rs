@@ -27,7 +27,7 @@ use common::{
 const SIGKILL: i32 = 9;
 
 fn kill9(pid: i32) {
-    let _ = syncluster::sys::process::kill(pid, SIGKILL);
+    let _ = common::kill(pid, SIGKILL);
 }
 
 // ------------------------------------------------------------ a wrapped probe

@@ -4,3 +4,6 @@
 
 pub mod channel;
 pub mod wire;
+
+#[cfg(test)]
+mod tests;

@@ -20,6 +20,9 @@ pub mod socket;
 pub mod time;
 pub mod user;
 
+#[cfg(test)]
+pub(crate) mod tests;
+
 /// Values a syscall returns to say "failed, see errno".
 pub trait IsMinusOne: Copy {
     /// True for the failure sentinel `-1`.

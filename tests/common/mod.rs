@@ -43,10 +43,13 @@
 //!   - `Drop`: SIGKILLs the probe and every worker (its children found in
 //!     `/proc`, plus every pid a `pids` answer named that still runs the
 //!     probe binary) and reaps the probe.
+//! - Hostile workers: [`worker_py`] (`tests/hostile/worker.py`, which
+//!   writes frames by hand), [`fork_hostile`] (fork it as a worker).
 //! - Processes: [`count_fds`], [`is_alive`] (exists and not a zombie),
 //!   [`is_alive_as`] (and started then), [`start_time`], [`cpu_ms`],
 //!   [`children_of`], [`until`], [`wait_until`], [`output_within`],
-//!   [`try_output_within`]. `tests/support/hello.rs` uses these too.
+//!   [`try_output_within`], [`kill`] (send a signal to a pid).
+//!   `tests/support/hello.rs` uses these too.
 //! - Sockets: [`tcp_line`] (connect, read one line), [`http_get`].
 
 #![allow(dead_code)]
@@ -504,13 +507,56 @@ impl Drop for Probe {
         }
         for pid in victims {
             if is_alive(pid) {
-                let _ = syncluster::sys::process::kill(pid, SIGKILL);
+                let _ = kill(pid, SIGKILL);
             }
         }
     }
 }
 
+// ------------------------------------------------------------ hostile workers
+
+/// The hostile worker script, which writes the channel's frames by hand.
+pub fn worker_py() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/worker.py")
+}
+
+/// Forks `python3 worker.py <mode_args>` as a worker, waits for its
+/// `online`, and sets exec and args back to the probe's, so that later
+/// forks are probe workers again. Returns the worker id.
+pub fn fork_hostile(p: &mut Probe, mode_args: &str) -> u32 {
+    p.ask("set exec /usr/bin/env", "ok set");
+    p.ask(
+        &format!("set args python3 {} {mode_args}", worker_py().display()),
+        "ok set",
+    );
+    let id = p.fork("");
+    p.ask(&format!("set exec {}", probe_path().display()), "ok set");
+    p.ask("set args", "ok set");
+    p.expect(exact(format!("online {id}")), DEADLINE);
+    id
+}
+
 // ------------------------------------------------------------ processes
+
+/// Sends signal `sig` to `pid` with kill(1) (the crate's syscalls are
+/// private, and tests write no `unsafe`).
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::Other,
+            format!("kill -{sig} {pid}: {status}"),
+        ))
+    }
+}
 
 /// The fields of `/proc/<pid>/stat` after the command name: 0 state,
 /// 11 utime, 12 stime, 19 start time.

@@ -166,12 +166,63 @@ def mode_oversize_send(chan, args):
     sends_until_closed(lambda: send(chan, frame(USER, payload)))
 
 
+def mode_garbage(chan, args):
+    """64 pseudo-random bytes (xorshift64 from a fixed seed: the same bytes
+    every run), which do not start with the frame magic."""
+    x = 0x9E3779B97F4A7C15
+    out = bytearray()
+    for _ in range(64):
+        x ^= (x << 13) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 7
+        x ^= (x << 17) & 0xFFFFFFFFFFFFFFFF
+        out.append((x >> 24) & 0xFF)
+    assert out[:2] != struct.pack("<H", MAGIC)
+    sends_until_closed(lambda: send(chan, bytes(out)))
+
+
+def mode_oversize(chan, args):
+    """A user header announcing 100 MiB, over the primary's receive cap."""
+    sends_until_closed(lambda: send(chan, header(USER, 100 << 20)))
+
+
+def mode_badfds(chan, args):
+    """A user frame announcing 2 fds, sent with 1 (a pipe's read end)."""
+    r, w = os.pipe()
+    os.write(w, b"x")
+    os.close(w)
+    sends_until_closed(lambda: send(chan, frame(USER, b"fds!", nfds=2), [r]))
+
+
+def mode_badkind(chan, args):
+    """A well-formed NewConn frame, which only the primary may send."""
+    sends_until_closed(lambda: send(chan, frame(NEW_CONN)))
+
+
+def mode_late_listening(chan, args):
+    """QueryServer for 127.0.0.1:0 (seq 1), then waits (60 s at most) for
+    the file ARGS[0] to exist before it sends Listening for seq 1: a test
+    closes the handle in between."""
+    flag = args[0]
+    send(chan, frame(QUERY_SERVER, query("127.0.0.1", 0), seq=1))
+    deadline = time.monotonic() + 60
+    while not os.path.exists(flag):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"late-listening: {flag} never appeared")
+        time.sleep(0.01)
+    sends_until_closed(lambda: send(chan, frame(LISTENING, seq=1)))
+
+
 MODES = {
     "never-read-flood": mode_never_read_flood,
     "fd-flood": mode_fd_flood,
     "header-only": mode_header_only,
     "fds-mid-frame": mode_fds_mid_frame,
     "oversize-send": mode_oversize_send,
+    "garbage": mode_garbage,
+    "oversize": mode_oversize,
+    "badfds": mode_badfds,
+    "badkind": mode_badkind,
+    "late-listening": mode_late_listening,
 }
 
 

@@ -1,10 +1,10 @@
-//! Integration tests for `syncluster::ipc::channel`: real processes, real
-//! fds, real loopback TCP.
+//! `ipc::channel` with real processes, real fds, real loopback TCP.
 //!
 //! Child processes are this test binary run again with
-//! `--exact child_entry` and `SYNCLUSTER_TEST_CHILD=<role>`; the channel end
-//! is mapped to fd 3. Every wait is bounded: sockets get 10 s timeouts,
-//! children are polled for at most 10 s and killed and reaped on every path.
+//! `--exact <this module>::child_entry` and `SYNCLUSTER_TEST_CHILD=<role>`;
+//! the channel end is mapped to fd 3. Every wait is bounded: sockets get
+//! 10 s timeouts, children are polled for at most 10 s and killed and
+//! reaped on every path.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -15,14 +15,14 @@ use std::os::unix::net::UnixStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use syncluster::ipc::channel::{Channel, Frame, QueueFull, Recv, DEFAULT_MAX_QUEUED_BYTES};
-use syncluster::ipc::wire::{Header, Kind, WireError, DEFAULT_MAX_PAYLOAD, HEADER_LEN, MAX_FDS};
-use syncluster::sys::epoll::{Epoll, Events, WRITABLE};
-use syncluster::sys::fd::{adopt_inherited, is_cloexec, nofile_limit, set_nofile_soft_limit};
-use syncluster::sys::msg::{self, Truncated};
-use syncluster::sys::process::{self, ExitStatus, SpawnPlan};
-use syncluster::sys::signal::SIGKILL;
-use syncluster::sys::socket;
+use crate::ipc::channel::{Channel, Frame, QueueFull, Recv, DEFAULT_MAX_QUEUED_BYTES};
+use crate::ipc::wire::{Header, Kind, WireError, DEFAULT_MAX_PAYLOAD, HEADER_LEN, MAX_FDS};
+use crate::sys::epoll::{Epoll, Events, WRITABLE};
+use crate::sys::fd::{adopt_inherited, is_cloexec, nofile_limit, set_nofile_soft_limit};
+use crate::sys::msg::{self, Truncated};
+use crate::sys::process::{self, ExitStatus, SpawnPlan};
+use crate::sys::signal::SIGKILL;
+use crate::sys::socket;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 const CHILD_VAR: &str = "SYNCLUSTER_TEST_CHILD";
@@ -52,10 +52,15 @@ impl Child {
     /// stdin and stdout on /dev/null and stderr inherited (panics show up).
     fn spawn(role: &str, channel: BorrowedFd<'_>) -> Child {
         let exe = std::env::current_exe().unwrap();
+        // The harness names tests without the crate's own name.
+        let entry = format!(
+            "{}::child_entry",
+            module_path!().split_once("::").unwrap().1
+        );
         let argv: Vec<OsString> = [
             exe.as_os_str(),
             "--exact".as_ref(),
-            "child_entry".as_ref(),
+            entry.as_ref(),
             "--nocapture".as_ref(),
             "--test-threads=1".as_ref(),
         ]

@@ -1,37 +1,30 @@
 //! fd hygiene: malformed input on a channel is an error that leaks no fd,
-//! and every fd `syncluster::sys` creates is close-on-exec.
+//! and every fd `sys` creates is close-on-exec.
 //!
 //! These tests compare `/proc/self/fd` before and after, so they must not
-//! overlap with anything else that opens fds: this file (its own process)
-//! holds only such tests, and each takes `SERIAL` for its whole run.
+//! overlap with anything else that opens fds: each runs alone in a process
+//! of its own ([`in_own_process`]).
 
 use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use syncluster::ipc::channel::{Channel, Recv};
-use syncluster::ipc::wire::{Header, Kind, WireError, DEFAULT_MAX_PAYLOAD, HEADER_LEN};
-use syncluster::sys::epoll::Epoll;
-use syncluster::sys::fd;
-use syncluster::sys::msg;
-use syncluster::sys::process;
-use syncluster::sys::signal;
-use syncluster::sys::socket;
+use crate::ipc::channel::{Channel, Recv};
+use crate::ipc::wire::{Header, Kind, WireError, DEFAULT_MAX_PAYLOAD, HEADER_LEN};
+use crate::sys::epoll::Epoll;
+use crate::sys::fd;
+use crate::sys::msg;
+use crate::sys::process;
+use crate::sys::signal;
+use crate::sys::socket;
+use crate::sys::tests::in_own_process;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 /// `EAFNOSUPPORT` on Linux: no IPv6 in this kernel or namespace.
 const EAFNOSUPPORT: i32 = 97;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    // A failed test poisons the lock; the others still run one at a time.
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The fd numbers open in this process, without the directory's own fd.
 fn open_fds() -> Vec<String> {
@@ -149,7 +142,12 @@ fn assert_stays_failed(ch: &mut Channel) {
 
 #[test]
 fn garbled_header_is_an_error_and_leaks_nothing() {
-    let _g = serial();
+    if !in_own_process(
+        module_path!(),
+        "garbled_header_is_an_error_and_leaks_nothing",
+    ) {
+        return;
+    }
     let good = header(Kind::User, 2, 4);
     let corruptions: [(&str, usize, u8, WireError, &str); 4] = [
         ("bad magic", 0, 0x00, WireError::BadMagic(0x5300), "magic"),
@@ -206,7 +204,12 @@ fn garbled_header_is_an_error_and_leaks_nothing() {
 
 #[test]
 fn frame_announcing_more_fds_than_sent_is_an_error_and_leaks_nothing() {
-    let _g = serial();
+    if !in_own_process(
+        module_path!(),
+        "frame_announcing_more_fds_than_sent_is_an_error_and_leaks_nothing",
+    ) {
+        return;
+    }
     for (announced, attached) in [(2u16, 1usize), (1, 0), (253, 252)] {
         let name = format!("{announced} announced, {attached} attached");
         leaks_nothing(&name, || {
@@ -232,7 +235,12 @@ fn frame_announcing_more_fds_than_sent_is_an_error_and_leaks_nothing() {
 
 #[test]
 fn fds_with_a_frame_that_announces_none_are_closed() {
-    let _g = serial();
+    if !in_own_process(
+        module_path!(),
+        "fds_with_a_frame_that_announces_none_are_closed",
+    ) {
+        return;
+    }
     // The sender stays connected and sends nothing more: the error must not
     // wait for a next frame or EOF, and the fds must be closed right away.
     leaks_nothing("alone", || {
@@ -296,7 +304,12 @@ fn fds_with_a_frame_that_announces_none_are_closed() {
 
 #[test]
 fn oversized_payload_is_an_error_and_is_not_allocated() {
-    let _g = serial();
+    if !in_own_process(
+        module_path!(),
+        "oversized_payload_is_an_error_and_is_not_allocated",
+    ) {
+        return;
+    }
     leaks_nothing("over a set cap", || {
         let (raw, mut ch) = raw_pair();
         ch.set_max_payload(100);
@@ -342,7 +355,9 @@ fn assert_cloexec(what: &str, fd: BorrowedFd<'_>) {
 
 #[test]
 fn every_fd_sys_creates_is_close_on_exec() {
-    let _g = serial();
+    if !in_own_process(module_path!(), "every_fd_sys_creates_is_close_on_exec") {
+        return;
+    }
     leaks_nothing("cloexec", || {
         let (a, b) = socket::socketpair().unwrap();
         assert_cloexec("socketpair end 0", a.as_fd());
