@@ -182,7 +182,7 @@ impl Primary {
                     .modify(ch.as_fd(), epoll::READABLE, TOKEN_WORKER | id as u64);
             }
             Ok(false) => {}
-            Err(_) => self.close_channel(id),
+            Err(_) => self.drop_channel(id),
         }
     }
 
@@ -212,7 +212,7 @@ impl Primary {
                 }
                 Ok(Recv::WouldBlock) => return,
                 Ok(Recv::Eof) => {
-                    self.close_channel(id);
+                    self.drop_channel(id);
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
@@ -221,7 +221,7 @@ impl Primary {
                 }
                 Err(_) => {
                     // ECONNRESET and friends: the worker is gone.
-                    self.close_channel(id);
+                    self.drop_channel(id);
                     return;
                 }
             }
