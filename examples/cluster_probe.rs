@@ -55,6 +55,15 @@
 //!   `syncluster::role()` succeeds, else `err role <ErrorKind debug>: <msg>`;
 //!   `whoami` → `whoami primary=<bool> worker=<bool> id=<id|none>` (from
 //!   `is_primary()`, `is_worker()`, `worker_id()`)
+//! - Node parity additions: `closechannel <id>` (`Primary::close_channel`);
+//!   `isconnected <id>` → `isconnected <id> <bool>`; `isdead <id>` →
+//!   `isdead <id> <bool>`; `mapfd <target>`: a socketpair, one end mapped
+//!   at `<target>` in workers forked from now on (`Settings::map_fd`), the
+//!   other kept; `fdwrite <target> <text...>` writes the text and a newline
+//!   on the kept end; `fdread <target>` → `fdread <target> <line>` (one
+//!   line read from the kept end, 5 s at most); `listenfd ADDR` binds ADDR
+//!   itself (a path if it has a `/`, else TCP) with std and offers it
+//!   (`Primary::listen_fd`) → `listenfd <n> <address>`
 //!
 //! Event lines:
 //! `fork <id>` | `online <id>` | `listening <id> <addr>` |
@@ -95,7 +104,11 @@
 //! `releasing:<n>` and hands them to a thread that drops them MS
 //! milliseconds later, while the worker waits; `open` →
 //! `open:<worker.open_connections()>:<each listener's open_connections(),
-//! comma-joined>`.
+//! comma-joined>`; `fdwrite N TEXT` → takes fd N (`worker.take_fd`, once)
+//! and writes TEXT and a newline on it, sends `fdwrite:ok` or
+//! `fdwrite:err:<ErrorKind debug>:<msg>`; `fdecho N` → reads one line from
+//! fd N and writes `echo:<line>` back on it, sends `fdecho:<line>`;
+//! `udpcount` → `udpcount:<datagrams received>`.
 //! Anything else → `unknown:<text>`.
 //!
 //! On `Event::Disconnect`: sends `served:<n>` (connections served) then exits
@@ -114,9 +127,13 @@
 //! - `idle`: the loop above, no listener.
 //! - `exit42`: exits 42 right after role() (so it was online).
 //! - `listen`: listens on every comma-separated address in `PROBE_ADDR`
-//!   (default `127.0.0.1:0`), with `PROBE_BACKLOG` if set; a listen error sends
+//!   (default `127.0.0.1:0`), with `PROBE_BACKLOG` if set and the
+//!   `ListenOptions` named in `PROBE_LISTEN_OPTS` (comma-separated:
+//!   `ipv6only`, `exclusive`, `reuseport`, `readable`, `writable`, `fd=N`;
+//!   with `fd=N` give `PROBE_ADDR=` empty); a listen error sends
 //!   `listen-error:<addr>:<io::ErrorKind debug>:<message>` and goes on; success
-//!   sends `listening:<resolved addr>`. `PROBE_MAX_CONN=N` caps each
+//!   sends `listening:<resolved addr>` (`listening:?<error>` when the
+//!   address has no `SocketAddr`: a Unix path too long for a `sockaddr_un`). `PROBE_MAX_CONN=N` caps each
 //!   listener (`set_max_connections(Some(N))`). Then the `worker.next_event()`
 //!   loop: on `Connection { stream, .. }`: if `PROBE_SLOW_MS` is set sleep
 //!   that long; write `worker <id>\n`, close (with `PROBE_HOLD` set: keep it
@@ -139,6 +156,13 @@
 //!   and exits 1.)
 //! - `hang`: listens on PROBE_ADDR, takes one connection and then sleeps
 //!   forever without answering.
+//! - `udp`: `worker.bind_udp(PROBE_ADDR)` (default `127.0.0.1:0`), sends
+//!   `udp:<local addr>` (or `udp-error:<ErrorKind debug>:<msg>` and exits
+//!   1), then the `listen` loop with the socket registered in it
+//!   (non-blocking): each datagram sends `dgram:<payload>`; with
+//!   `PROBE_UDP_MAX=N`, after N datagrams the socket is dropped and
+//!   `udp-done:<N>` sent (the primary keeps the shared socket, so the other
+//!   workers read the rest).
 //!
 //! Workers that break the channel protocol are not the probe's business:
 //! `tests/hostile/worker.py` writes frames by hand (`garbage`, `oversize`,
@@ -167,11 +191,13 @@ use std::process::{exit, Command, Stdio};
 use std::time::Duration;
 
 use syncluster::primary::{Event, ExitStatus, ListenRules, TcpRule, ENV_CHANNEL_FD};
-use syncluster::worker::{Event as WorkerEvent, Interest, Listener, Stream};
+use syncluster::worker::{Event as WorkerEvent, Interest, ListenOptions, Listener, Stream};
 use syncluster::{Policy, Primary, Role, Signal, Worker};
 
 /// The token stdin is registered with in the primary's loop.
 const STDIN: u64 = 0;
+/// The token of the `udp` mode's socket in the worker's loop.
+const UDP: u64 = 1;
 
 fn main() {
     if std::env::var_os("PROBE_THREAD_FIRST").is_some_and(|v| v == "1") {
@@ -219,6 +245,8 @@ fn say(line: &str) {
 struct Extra {
     child: Option<std::process::Child>,
     echo: bool,
+    /// `mapfd`: the primary's end of each socketpair, by target.
+    mapped: Vec<(i32, std::os::unix::net::UnixStream)>,
 }
 
 fn run_primary(mut primary: Primary) -> io::Result<()> {
@@ -530,8 +558,78 @@ fn command(p: &mut Primary, extra: &mut Extra, line: &str) -> Result<Option<Stri
             Err(e) => Err(format!("{:?}: {e}", e.kind())),
         },
         "whoami" => Ok(Some(format!("whoami {}", whoami()))),
+        "closechannel" => p
+            .close_channel(num(words.next(), "id")?)
+            .map_err(err)
+            .map(|()| None),
+        "isconnected" | "isdead" => {
+            let id = num(words.next(), "id")?;
+            let yes = if word == "isdead" {
+                p.is_dead(id)
+            } else {
+                p.is_connected(id)
+            };
+            Ok(Some(format!("{word} {id} {yes}")))
+        }
+        "mapfd" => {
+            let target = num(words.next(), "target")?;
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(err)?;
+            p.settings_mut()
+                .map_fd(OwnedFd::from(theirs), target)
+                .map_err(|e| format!("{:?}: {e}", e.kind()))?;
+            extra.mapped.push((target, ours));
+            Ok(None)
+        }
+        "fdwrite" | "fdread" => {
+            let mut parts = line.splitn(3, ' ');
+            parts.next();
+            let target: i32 = num(parts.next(), "target")?;
+            let mut end = extra
+                .mapped
+                .iter()
+                .find(|(t, _)| *t == target)
+                .map(|(_, s)| s)
+                .ok_or("no such mapfd")?;
+            if word == "fdwrite" {
+                let text = parts.next().unwrap_or_default();
+                end.write_all(format!("{text}\n").as_bytes()).map_err(err)?;
+                return Ok(None);
+            }
+            end.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(err)?;
+            let line = read_line(&mut end).map_err(err)?;
+            Ok(Some(format!("fdread {target} {line}")))
+        }
+        "listenfd" => {
+            let addr = words.next().ok_or("missing ADDR")?;
+            let (fd, shown) = if addr.contains('/') {
+                let l = std::os::unix::net::UnixListener::bind(addr).map_err(err)?;
+                (OwnedFd::from(l), addr.to_string())
+            } else {
+                let l = std::net::TcpListener::bind(addr).map_err(err)?;
+                let shown = l.local_addr().map_err(err)?.to_string();
+                (OwnedFd::from(l), shown)
+            };
+            let n = p.listen_fd(fd).map_err(err)?;
+            Ok(Some(format!("listenfd {n} {shown}")))
+        }
         _ => Err("unknown command".to_string()),
     }
+}
+
+/// One line from `r`, read a byte at a time (nothing is read past it),
+/// without its newline.
+fn read_line(mut r: impl Read) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match r.read(&mut byte)? {
+            0 => break,
+            _ if byte[0] == b'\n' => break,
+            _ => line.push(byte[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
 fn set(p: &mut Primary, what: &str, args: Vec<&str>) -> Result<(), String> {
@@ -639,6 +737,11 @@ struct Probe {
     /// `PROBE_HOLD`: connections kept open after their line was written.
     hold: bool,
     held: Vec<Stream>,
+    /// The `udp` mode's socket, until `PROBE_UDP_MAX` datagrams came.
+    udp: Option<std::net::UdpSocket>,
+    datagrams: u64,
+    /// Fds taken with `worker.take_fd`, by target.
+    taken: Vec<(i32, File)>,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -647,6 +750,29 @@ fn env_or(name: &str, default: &str) -> String {
 
 fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// `PROBE_BACKLOG` and `PROBE_LISTEN_OPTS` as `ListenOptions`.
+fn listen_options() -> io::Result<ListenOptions> {
+    let mut opts = ListenOptions::new().backlog(env_num("PROBE_BACKLOG").unwrap_or(0));
+    for opt in env_or("PROBE_LISTEN_OPTS", "").split(',') {
+        opts = match opt {
+            "" => opts,
+            "ipv6only" => opts.ipv6_only(true),
+            "exclusive" => opts.exclusive(true),
+            "reuseport" => opts.reuse_port(true),
+            "readable" => opts.readable_all(true),
+            "writable" => opts.writable_all(true),
+            fd if fd.starts_with("fd=") => opts.fd(fd[3..].parse().unwrap_or(-1)),
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("unknown PROBE_LISTEN_OPTS entry {other:?}"),
+                ))
+            }
+        };
+    }
+    Ok(opts)
 }
 
 /// `primary=<bool> worker=<bool> id=<id or none>`, from the crate's
@@ -674,6 +800,9 @@ fn run_worker(worker: Worker, mode: &str) -> io::Result<()> {
         hogged: Vec::new(),
         hold: std::env::var_os("PROBE_HOLD").is_some(),
         held: Vec::new(),
+        udp: None,
+        datagrams: 0,
+        taken: Vec::new(),
     };
     match mode {
         "idle" => probe.run(),
@@ -688,6 +817,23 @@ fn run_worker(worker: Worker, mode: &str) -> io::Result<()> {
             probe.foreign_loop()
         }
         "foreign-accept" => probe.foreign_accept(),
+        "udp" => {
+            let addr = env_or("PROBE_ADDR", "127.0.0.1:0");
+            let socket = match probe.worker.bind_udp(&addr) {
+                Ok(s) => s,
+                Err(e) => {
+                    probe.say(&format!("udp-error:{:?}:{e}", e.kind()))?;
+                    exit(1);
+                }
+            };
+            socket.set_nonblocking(true)?;
+            probe
+                .worker
+                .register(socket.as_fd(), UDP, Interest::READABLE)?;
+            probe.say(&format!("udp:{}", socket.local_addr()?))?;
+            probe.udp = Some(socket);
+            probe.run()
+        }
         "hang" => {
             let addr = env_or("PROBE_ADDR", "127.0.0.1:0");
             let listener = probe.worker.listen(&addr)?;
@@ -711,14 +857,18 @@ impl Probe {
 
     /// Listens on each address of `PROBE_ADDR`, reporting each outcome.
     fn listen_all(&mut self) -> io::Result<()> {
-        let backlog = env_num("PROBE_BACKLOG").unwrap_or(0);
+        let opts = listen_options()?;
         for addr in env_or("PROBE_ADDR", "127.0.0.1:0").split(',') {
-            match self.worker.listen_with_backlog(addr, backlog) {
+            match self.worker.listen_with(addr, &opts) {
                 Ok(l) => {
                     if let Some(max) = env_num("PROBE_MAX_CONN") {
                         l.set_max_connections(Some(max))?;
                     }
-                    self.say(&format!("listening:{}", l.local_addr()?))?;
+                    let shown = match l.local_addr() {
+                        Ok(a) => a.to_string(),
+                        Err(e) => format!("?{e}"),
+                    };
+                    self.say(&format!("listening:{shown}"))?;
                     self.listeners.push(l);
                 }
                 Err(e) => self.say(&format!("listen-error:{addr}:{:?}:{e}", e.kind()))?,
@@ -742,9 +892,42 @@ impl Probe {
                 let _ = self.say(&format!("served:{}", self.served));
                 exit(env_num("PROBE_DISCONNECT_CODE").unwrap_or(0));
             }
+            WorkerEvent::Ready { token: UDP, .. } => self.on_datagrams()?,
             _ => {}
         }
         Ok(())
+    }
+
+    /// Reads every datagram the shared UDP socket has now.
+    fn on_datagrams(&mut self) -> io::Result<()> {
+        let max = env_num::<u64>("PROBE_UDP_MAX");
+        let mut buf = [0u8; 2048];
+        while let Some(socket) = &self.udp {
+            let n = match socket.recv(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            self.datagrams += 1;
+            self.say(&format!("dgram:{}", String::from_utf8_lossy(&buf[..n])))?;
+            if max == Some(self.datagrams) {
+                if let Some(socket) = self.udp.take() {
+                    self.worker.deregister(socket.as_fd())?;
+                }
+                self.say(&format!("udp-done:{}", self.datagrams))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fd `target` taken from the worker (once), as a `File`.
+    fn taken_fd(&mut self, target: i32) -> io::Result<&mut File> {
+        if !self.taken.iter().any(|(t, _)| *t == target) {
+            let fd = self.worker.take_fd(target)?;
+            self.taken.push((target, File::from(fd)));
+        }
+        let pos = self.taken.iter().position(|(t, _)| *t == target);
+        Ok(&mut self.taken[pos.expect("just taken")].1)
     }
 
     /// Writes `worker <id>` (after `PROBE_SLOW_MS`), then closes the
@@ -933,6 +1116,26 @@ impl Probe {
                 Err(e) => self.say(&format!("role:err:{:?}:{e}", e.kind())),
             },
             "whoami" => self.say(&format!("whoami:{}", whoami())),
+            "fdwrite" => {
+                let (n, rest) = arg.split_once(' ').unwrap_or((arg, ""));
+                let res = n
+                    .parse()
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad fd"))
+                    .and_then(|n| self.taken_fd(n))
+                    .and_then(|f| f.write_all(format!("{rest}\n").as_bytes()));
+                match res {
+                    Ok(()) => self.say("fdwrite:ok"),
+                    Err(e) => self.say(&format!("fdwrite:err:{:?}:{e}", e.kind())),
+                }
+            }
+            "fdecho" => {
+                let n = arg.trim().parse().unwrap_or(-1);
+                let f = self.taken_fd(n)?;
+                let line = read_line(&mut *f)?;
+                f.write_all(format!("echo:{line}\n").as_bytes())?;
+                self.say(&format!("fdecho:{line}"))
+            }
+            "udpcount" => self.say(&format!("udpcount:{}", self.datagrams)),
             _ => self.say(&format!("unknown:{text}")),
         }
     }

@@ -14,3 +14,6 @@ pub const ENV_WORKER_PID: &str = "SYNCLUSTER_WORKER_PID";
 pub const ENV_SCHED_POLICY: &str = "SYNCLUSTER_SCHED_POLICY";
 /// Sets the round-robin window (1 to 253).
 pub const ENV_RR_WINDOW: &str = "SYNCLUSTER_RR_WINDOW";
+/// The extra fds the primary mapped into the worker (`Settings::map_fd`),
+/// comma-separated, for `Worker::take_fd`.
+pub const ENV_FDS: &str = "SYNCLUSTER_FDS";

@@ -4,7 +4,7 @@
 //! | kind | seq | payload | fds |
 //! |---|---|---|---|
 //! | Online | 0 | empty | 0 |
-//! | QueryServer | request id | [`Query`] | 0 |
+//! | QueryServer | request id | [`Query`] (endpoint, index, backlog, [`QueryFlags`]) | 0 |
 //! | QueryReply | request id | ok: handle u32, policy u8, address; err: errno i32, message | shared: 1 |
 //! | Listening | handle | empty | 0 |
 //! | NewConn | handle | one u32 connection id per fd | n |
@@ -24,6 +24,51 @@ use std::path::PathBuf;
 pub const REJECTED: u8 = 1;
 /// QueryReply flag: the payload is an error.
 pub const ERROR: u8 = 1;
+
+/// Options of a [`Query`], one bit each (Node's `serverQuery` fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct QueryFlags(u8);
+
+impl QueryFlags {
+    /// A UDP socket (Node's `dgram`, always shared), not a TCP listener.
+    pub const UDP: QueryFlags = QueryFlags(1);
+    /// `IPV6_V6ONLY` on an IPv6 socket (Node's `ipv6Only`).
+    pub const IPV6_ONLY: QueryFlags = QueryFlags(2);
+    /// Unix socket file readable by all (Node's `readableAll`).
+    pub const READABLE_ALL: QueryFlags = QueryFlags(4);
+    /// Unix socket file writable by all (Node's `writableAll`).
+    pub const WRITABLE_ALL: QueryFlags = QueryFlags(8);
+    const ALL: u8 = 15;
+
+    /// No option.
+    pub const fn empty() -> QueryFlags {
+        QueryFlags(0)
+    }
+
+    /// The bits, as they travel.
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The flags of `bits`; `None` if an unknown bit is set.
+    pub const fn from_bits(bits: u8) -> Option<QueryFlags> {
+        if bits & !Self::ALL != 0 {
+            None
+        } else {
+            Some(QueryFlags(bits))
+        }
+    }
+
+    /// True when every bit of `other` is set.
+    pub const fn contains(self, other: QueryFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// `self` with `other`'s bits set too.
+    pub const fn with(self, other: QueryFlags) -> QueryFlags {
+        QueryFlags(self.0 | other.0)
+    }
+}
 
 /// How connections reach workers. Spelled `rr` and `shared` (Node's
 /// `none` is read as `shared` too, everywhere a policy is read).
@@ -80,14 +125,21 @@ impl std::str::FromStr for Policy {
 pub enum Endpoint {
     /// A TCP port; `None` host means `::` with a fallback to `0.0.0.0`.
     Tcp(Option<IpAddr>, u16),
-    /// A Unix socket path, absolute.
+    /// A Unix socket path, absolute and normalized.
     Unix(PathBuf),
+    /// A socket the program gave the primary with `Primary::listen_fd`,
+    /// named by its fd number in the primary (Node's `listen({fd})`).
+    Fd(i32),
 }
 
 impl Endpoint {
-    /// Parses `"host:port"`, `"[v6]:port"`, `"port"`, `":port"` or a path
-    /// (anything with a `/`). A relative path is taken from the current
-    /// directory, as Node resolves it in the worker.
+    /// Parses `"host:port"`, `"[v6]:port"`, `"port"`, `":port"` or a Unix
+    /// socket path, as Node's `listen` reads a string: anything with a `/`
+    /// is a path, so is a word with no `:` that is not a number (`s.sock`,
+    /// `localhost`). A relative path is resolved against the current
+    /// directory and normalized as Node's `path.resolve` does (`.`, `..`
+    /// and repeated slashes, without looking at the file system), so two
+    /// spellings of one file share one handle.
     pub fn parse(s: &str) -> io::Result<Endpoint> {
         let bad = |why: &str| {
             io::Error::new(
@@ -95,16 +147,14 @@ impl Endpoint {
                 format!("bad listen address {s:?}: {why}"),
             )
         };
-        if s.contains('/') {
-            let p = PathBuf::from(s);
-            let p = if p.is_absolute() {
-                p
-            } else {
-                std::env::current_dir()?.join(p)
-            };
-            return Ok(Endpoint::Unix(p));
+        if s.is_empty() {
+            return Err(bad("empty"));
         }
-        if let Ok(port) = s.parse::<u16>() {
+        if s.contains('/') {
+            return Ok(Endpoint::Unix(resolve_path(s)?));
+        }
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            let port = s.parse::<u16>().map_err(|_| bad("port is not 0..65535"))?;
             return Ok(Endpoint::Tcp(None, port));
         }
         if let Some(port) = s.strip_prefix(':') {
@@ -116,12 +166,13 @@ impl Endpoint {
         if let Ok(sa) = s.parse::<SocketAddr>() {
             return Ok(Endpoint::Tcp(Some(sa.ip()), sa.port()));
         }
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| bad("expected host:port, a port or a path"))?;
-        let port = port
-            .parse::<u16>()
-            .map_err(|_| bad("port is not 0..65535"))?;
+        let Some((host, port)) = s.rsplit_once(':') else {
+            // A bare name: a Unix socket in the current directory.
+            return Ok(Endpoint::Unix(resolve_path(s)?));
+        };
+        let port = port.parse::<u16>().map_err(|_| {
+            bad("port is not 0..65535 (a Unix socket path with a ':' needs a '/': ./a:b)")
+        })?;
         let ip = match host {
             "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
             "" | "*" => return Ok(Endpoint::Tcp(None, port)),
@@ -141,6 +192,17 @@ impl Endpoint {
             Endpoint::Tcp(Some(IpAddr::V6(ip)), port) => format!("{ip}:{port}:6"),
             Endpoint::Tcp(None, port) => format!(":{port}:"),
             Endpoint::Unix(p) => format!("{}:-1:unix", p.display()),
+            Endpoint::Fd(n) => format!("fd:{n}"),
+        }
+    }
+
+    /// How error messages name it: `127.0.0.1:80`, `port 80`, a path, `fd 5`.
+    pub fn describe(&self) -> String {
+        match self {
+            Endpoint::Tcp(Some(ip), port) => SocketAddr::new(*ip, *port).to_string(),
+            Endpoint::Tcp(None, port) => format!("port {port}"),
+            Endpoint::Unix(p) => p.display().to_string(),
+            Endpoint::Fd(n) => format!("fd {n} of the primary"),
         }
     }
 
@@ -150,7 +212,47 @@ impl Endpoint {
     }
 }
 
-/// The QueryServer payload: which endpoint, its per-worker index, backlog.
+/// Resolves `s` against the current directory and normalizes it as Node's
+/// `path.resolve` does: lexically, `.` dropped, `..` taking off the
+/// component before it (never above `/`), repeated and trailing slashes
+/// dropped.
+pub fn resolve_path(s: &str) -> io::Result<PathBuf> {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut full: Vec<u8> = Vec::new();
+    if !s.starts_with('/') {
+        let cwd = std::env::current_dir().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("relative Unix socket path {s:?}: no current directory: {e}"),
+            )
+        })?;
+        full.extend_from_slice(cwd.as_os_str().as_bytes());
+        full.push(b'/');
+    }
+    full.extend_from_slice(s.as_bytes());
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for part in full.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    let mut out = Vec::with_capacity(full.len());
+    for p in &parts {
+        out.push(b'/');
+        out.extend_from_slice(p);
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(out)))
+}
+
+/// The QueryServer payload: which endpoint, its per-worker index, backlog
+/// and options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Query {
     /// Where to listen.
@@ -159,6 +261,8 @@ pub struct Query {
     pub index: u32,
     /// `listen(2)` backlog; 0 means the primary's default.
     pub backlog: u32,
+    /// UDP, `IPV6_V6ONLY`, the Unix socket file's mode.
+    pub flags: QueryFlags,
 }
 
 fn take<'a>(buf: &mut &'a [u8], n: usize) -> io::Result<&'a [u8]> {
@@ -179,7 +283,24 @@ fn take_u32(buf: &mut &[u8]) -> io::Result<u32> {
 }
 
 impl Query {
-    /// Encodes: tag u8 (0 ip, 1 any, 2 unix), index u32, backlog u32, port u16, text.
+    /// Node's handle key without the index: the endpoint's, plus what makes
+    /// another socket (UDP, `IPV6_V6ONLY`). The file mode is not part of it:
+    /// whoever binds first sets it.
+    pub fn key(&self) -> String {
+        let mut key = self.endpoint.key();
+        if self.flags.contains(QueryFlags::UDP) {
+            key.push_str(":udp");
+        }
+        if self.flags.contains(QueryFlags::IPV6_ONLY) {
+            key.push_str(":v6only");
+        }
+        key
+    }
+
+    /// Encodes: tag u8 (low nibble: 0 ip, 1 any, 2 unix, 3 fd; high
+    /// nibble: the flags), index u32, backlog u32, port u16, text (the
+    /// address, the path, or the fd as u32). Without flags the tag is the
+    /// endpoint kind alone.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32);
         let (tag, port, text) = match &self.endpoint {
@@ -189,8 +310,9 @@ impl Query {
                 use std::os::unix::ffi::OsStrExt;
                 (2u8, 0, p.as_os_str().as_bytes().to_vec())
             }
+            Endpoint::Fd(n) => (3u8, 0, n.to_le_bytes().to_vec()),
         };
-        out.push(tag);
+        out.push(tag | self.flags.bits() << 4);
         out.extend_from_slice(&self.index.to_le_bytes());
         out.extend_from_slice(&self.backlog.to_le_bytes());
         out.extend_from_slice(&port.to_le_bytes());
@@ -207,6 +329,8 @@ impl Query {
             )
         };
         let tag = take(&mut buf, 1)?[0];
+        let flags = QueryFlags::from_bits(tag >> 4).ok_or_else(|| bad("unknown flags"))?;
+        let tag = tag & 0x0f;
         let index = take_u32(&mut buf)?;
         let backlog = take_u32(&mut buf)?;
         let p = take(&mut buf, 2)?;
@@ -231,12 +355,39 @@ impl Query {
                 }
                 Endpoint::Unix(PathBuf::from(std::ffi::OsStr::from_bytes(buf)))
             }
+            3 => {
+                let n = take_u32(&mut buf)? as i32;
+                if n < 0 || !buf.is_empty() {
+                    return Err(bad("bad fd number"));
+                }
+                Endpoint::Fd(n)
+            }
             _ => return Err(bad("unknown endpoint tag")),
         };
+        let udp = flags.contains(QueryFlags::UDP);
+        let mode =
+            flags.contains(QueryFlags::READABLE_ALL) || flags.contains(QueryFlags::WRITABLE_ALL);
+        let v6only = flags.contains(QueryFlags::IPV6_ONLY);
+        match &endpoint {
+            Endpoint::Unix(_) if udp || v6only => {
+                return Err(bad("UDP or IPV6_V6ONLY asked for a Unix socket"))
+            }
+            Endpoint::Tcp(..) | Endpoint::Fd(_) if mode => {
+                return Err(bad("a file mode asked for a socket that has no file"))
+            }
+            Endpoint::Fd(_) if udp || v6only => {
+                return Err(bad("UDP or IPV6_V6ONLY asked for the program's own socket"))
+            }
+            Endpoint::Tcp(Some(IpAddr::V4(_)), _) if v6only => {
+                return Err(bad("IPV6_V6ONLY asked for an IPv4 address"))
+            }
+            _ => {}
+        }
         Ok(Query {
             endpoint,
             index,
             backlog,
+            flags,
         })
     }
 }
@@ -269,10 +420,28 @@ pub fn decode_reply_ok(mut buf: &[u8]) -> io::Result<(u32, Policy, String)> {
     Ok((handle, policy, String::from_utf8_lossy(buf).into_owned()))
 }
 
-/// Encodes a failed QueryReply: errno (0 if none) and the message.
+/// An errno whose `ErrorKind` is `kind`, for the kinds a refused query
+/// carries without one (`InvalidInput`: a path too long, a bad option).
+fn errno_of_kind(kind: io::ErrorKind) -> Option<i32> {
+    match kind {
+        io::ErrorKind::InvalidInput => Some(22),     // EINVAL
+        io::ErrorKind::PermissionDenied => Some(13), // EACCES
+        io::ErrorKind::NotFound => Some(2),          // ENOENT
+        io::ErrorKind::AddrInUse => Some(98),        // EADDRINUSE
+        _ => None,
+    }
+}
+
+/// Encodes a failed QueryReply: errno (0 if none) and the message. An
+/// error with no errno gets one for its kind where one fits, so that the
+/// worker's `listen()` sees the same `ErrorKind`.
 pub fn encode_reply_err(errno: Option<i32>, e: &io::Error) -> Vec<u8> {
     let mut out = Vec::new();
-    out.extend_from_slice(&errno.or(e.raw_os_error()).unwrap_or(0).to_le_bytes());
+    let errno = errno
+        .or(e.raw_os_error())
+        .or_else(|| errno_of_kind(e.kind()))
+        .unwrap_or(0);
+    out.extend_from_slice(&errno.to_le_bytes());
     out.extend_from_slice(e.to_string().as_bytes());
     out
 }
@@ -335,29 +504,83 @@ mod tests {
             Endpoint::parse("/tmp/x.sock").unwrap(),
             Endpoint::Unix("/tmp/x.sock".into())
         );
-        for bad in ["", "host", "1.2.3.4:70000", "nope:1", "1.2.3.4:"] {
-            assert!(Endpoint::parse(bad).is_err(), "{bad:?} should be rejected");
+        let cwd = std::env::current_dir().unwrap();
+        // A bare word is a path in the current directory, as in Node.
+        for word in ["s.sock", "host", "localhost"] {
+            assert_eq!(
+                Endpoint::parse(word).unwrap(),
+                Endpoint::Unix(cwd.join(word)),
+                "{word}"
+            );
+        }
+        for bad in [
+            "",
+            "70000",
+            "1.2.3.4:70000",
+            "nope:1",
+            "1.2.3.4:",
+            "a:b.sock",
+        ] {
+            let e = Endpoint::parse(bad).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
         }
     }
 
     #[test]
+    fn unix_paths_resolve_and_normalize_like_path_resolve() {
+        let cwd = std::env::current_dir().unwrap();
+        let ok = |s: &str, want: PathBuf| assert_eq!(resolve_path(s).unwrap(), want, "{s}");
+        ok("/a//b/./c/../d.sock", "/a/b/d.sock".into());
+        ok("/../../x", "/x".into());
+        ok("/", "/".into());
+        ok("./s.sock", cwd.join("s.sock"));
+        ok("sub/../s.sock", cwd.join("s.sock"));
+        ok("sub//s.sock/", cwd.join("sub/s.sock"));
+        assert_eq!(
+            Endpoint::parse("./x/../s.sock").unwrap(),
+            Endpoint::parse("s.sock").unwrap()
+        );
+    }
+
+    #[test]
     fn query_round_trips_and_rejects_garbage() {
-        for ep in [
-            Endpoint::Tcp(None, 0),
-            Endpoint::Tcp(Some("::1".parse().unwrap()), 443),
-            Endpoint::Unix("/run/a.sock".into()),
+        let udp = QueryFlags::UDP.with(QueryFlags::IPV6_ONLY);
+        let mode = QueryFlags::READABLE_ALL.with(QueryFlags::WRITABLE_ALL);
+        for (ep, flags) in [
+            (Endpoint::Tcp(None, 0), QueryFlags::empty()),
+            (Endpoint::Tcp(Some("::1".parse().unwrap()), 443), udp),
+            (Endpoint::Unix("/run/a.sock".into()), mode),
+            (Endpoint::Fd(7), QueryFlags::empty()),
         ] {
             let q = Query {
                 endpoint: ep,
                 index: 3,
                 backlog: 511,
+                flags,
             };
             assert_eq!(Query::decode(&q.encode()).unwrap(), q);
         }
+        let head = |tag: u8, flags: u8| vec![tag | flags << 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         assert!(Query::decode(&[]).is_err());
-        assert!(Query::decode(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
-        assert!(Query::decode(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'x']).is_err());
-        assert!(Query::decode(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'x']).is_err());
+        assert!(Query::decode(&head(9, 0)).is_err());
+        assert!(Query::decode(&[head(0, 0), b"x".to_vec()].concat()).is_err());
+        assert!(Query::decode(&[head(2, 0), b"x".to_vec()].concat()).is_err());
+        // Unknown flags, and flags that do not fit the endpoint.
+        assert!(Query::decode(&[head(2, 0), b"/x".to_vec()].concat()).is_ok());
+        assert!(Query::decode(&[head(4, 0), b"/x".to_vec()].concat()).is_err());
+        assert!(Query::decode(&[head(2, 1), b"/x".to_vec()].concat()).is_err());
+        assert!(Query::decode(&head(1, 4)).is_err());
+        assert!(Query::decode(&[head(0, 2), b"1.2.3.4".to_vec()].concat()).is_err());
+        assert!(Query::decode(&[head(3, 0), vec![0xff; 4]].concat()).is_err());
+        // UDP and v6-only make another handle key; the mode does not.
+        let q = |flags| Query {
+            endpoint: Endpoint::Tcp(None, 5),
+            index: 0,
+            backlog: 0,
+            flags,
+        };
+        assert_ne!(q(QueryFlags::UDP).key(), q(QueryFlags::empty()).key());
+        assert_ne!(q(QueryFlags::IPV6_ONLY).key(), q(QueryFlags::empty()).key());
     }
 
     #[test]
@@ -365,6 +588,10 @@ mod tests {
         let e = io::Error::from_raw_os_error(98);
         let back = decode_reply_err(&encode_reply_err(None, &e));
         assert_eq!(back.kind(), io::ErrorKind::AddrInUse);
+        let e = io::Error::new(io::ErrorKind::InvalidInput, "path too long");
+        let back = decode_reply_err(&encode_reply_err(None, &e));
+        assert_eq!(back.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(back.to_string(), "path too long");
         assert!(decode_ids(&[1, 2, 3]).is_err());
     }
 }

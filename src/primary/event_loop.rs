@@ -254,7 +254,7 @@ impl Primary {
                     .modify(ch.as_fd(), epoll::READABLE, TOKEN_WORKER | id as u64);
             }
             Ok(false) => {}
-            Err(_) => self.close_channel(id),
+            Err(_) => self.drop_channel(id),
         }
     }
 
@@ -284,7 +284,7 @@ impl Primary {
                 }
                 Ok(Recv::WouldBlock) => return,
                 Ok(Recv::Eof) => {
-                    self.close_channel(id);
+                    self.drop_channel(id);
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
@@ -293,7 +293,7 @@ impl Primary {
                 }
                 Err(_) => {
                     // ECONNRESET and friends: the worker is gone.
-                    self.close_channel(id);
+                    self.drop_channel(id);
                     return;
                 }
             }

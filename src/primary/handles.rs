@@ -127,11 +127,7 @@ impl Primary {
     // handle, a dup of its socket in shared mode, and whether the worker
     // did not hold it before. `Err` is the error the worker's `listen()` gets.
     fn serve_query(&mut self, id: u32, q: &Query) -> io::Result<(u32, Option<OwnedFd>, bool)> {
-        let what = match &q.endpoint {
-            Endpoint::Tcp(Some(ip), port) => std::net::SocketAddr::new(*ip, *port).to_string(),
-            Endpoint::Tcp(None, port) => format!("port {port}"),
-            Endpoint::Unix(p) => p.display().to_string(),
-        };
+        let what = q.endpoint.describe();
         let slot = self.workers.get(&id).ok_or_else(|| Self::gone(id))?;
         if slot.exited_after_disconnect {
             return Err(refused(
@@ -180,8 +176,10 @@ impl Primary {
                     None => return Err(denied()),
                 }
             }
+            // Offered by the program itself (`Primary::listen_fd`).
+            Endpoint::Fd(_) => None,
         };
-        let key = format!("{}:{}", q.endpoint.key(), q.index);
+        let key = format!("{}:{}", q.key(), q.index);
         let existing = self.keys.get(&key).copied();
         let held = existing.filter(|hid| slot.grants.iter().any(|g| g.hid == *hid));
         let cap = self.settings.max_worker_handles;
@@ -204,8 +202,8 @@ impl Primary {
                     q.backlog
                 };
                 let backlog = backlog.min(i32::MAX as u32) as i32;
-                let (fd, address, unix) = shared::bind(&q.endpoint, dir, backlog)?;
-                self.add_handle(key, fd, address, unix)
+                let (fd, address, unix, policy) = self.make_socket(q, dir, backlog)?;
+                self.add_handle(key, fd, address, unix, policy)
                     .map_err(|e| shared::named_error(e, &what))?
             }
         };
@@ -257,15 +255,16 @@ impl Primary {
         self.leave_handle(id, hid);
     }
 
+    // `policy`: the settings', but UDP sockets are always shared.
     pub(super) fn add_handle(
         &mut self,
         key: String,
         fd: OwnedFd,
         address: Address,
         unix: Option<UnixFile>,
+        policy: Policy,
     ) -> io::Result<u32> {
         let hid = self.next_handle;
-        let policy = self.settings.policy;
         let polling = policy == Policy::RoundRobin;
         if polling {
             self.epoll

@@ -15,6 +15,7 @@
 //! | `handles.rs` | query-server and the listening handles |
 //! | `round_robin.rs` | accepting and handing connections to workers in turn |
 //! | `shared.rs` | binding a handle's socket (both policies), removing its Unix file |
+//! | `endpoints.rs` | what each query gets: TCP, Unix, UDP, the program's own fds |
 //! | `policy.rs` | where workers may listen ([`ListenRules`]) |
 //! | `timers.rs` | deadlines: kills, pauses, orphans, hangs, stalls |
 //! | `event_loop.rs` | `next_event`: epoll, signals, frames from workers |
@@ -82,11 +83,12 @@
 
 #![forbid(unsafe_code)]
 
+mod endpoints;
 mod event_loop;
 mod handles;
 mod policy;
 mod round_robin;
-mod shared;
+pub(crate) mod shared;
 mod timers;
 mod workers;
 
@@ -96,6 +98,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use self::event_loop::{TOKEN_SIGNAL, TOKEN_USER};
@@ -131,6 +134,9 @@ pub enum Stdio {
     #[default]
     Inherit,
     /// Each worker's stdout/stderr is a pipe; see [`Primary::take_stdout`].
+    /// The program must drain both pipes (register them with
+    /// [`Primary::register`] and read them, or hand them to a thread):
+    /// once one is full (64 KiB), the worker blocks in its next write.
     Pipe,
 }
 
@@ -185,6 +191,12 @@ pub struct Settings {
     /// Listening handles one worker may hold at once, created or joined
     /// (64); past it, its `listen()` fails with `EMFILE`.
     pub max_worker_handles: usize,
+    /// More fds for every worker (Node's `stdio[4]` and up): each fd goes
+    /// to its target number in the worker, which takes it with
+    /// [`Worker::take_fd`](crate::Worker::take_fd). Set with
+    /// [`Settings::map_fd`], which checks the targets; a fork with a
+    /// target outside 4..64, or repeated, fails with `InvalidInput`.
+    pub extra_fds: Vec<(Arc<OwnedFd>, i32)>,
 }
 
 impl Default for Settings {
@@ -205,12 +217,17 @@ impl Default for Settings {
             orphan_linger: Duration::from_secs(30),
             listen_rules: None,
             max_worker_handles: 64,
+            extra_fds: Vec::new(),
         }
     }
 }
 
 /// The range of [`Settings::window`]: one frame carries at most 253 fds.
 const WINDOW: std::ops::RangeInclusive<usize> = 1..=wire::MAX_FDS;
+
+/// The most fds [`Settings::map_fd`] takes: what the spawn plan maps
+/// besides the channel, stdout and stderr.
+pub const MAX_EXTRA_FDS: usize = crate::sys::process::MAX_FD_MAPPINGS - 3;
 
 impl Settings {
     /// Checks every field's range, the one place that does: an
@@ -258,6 +275,39 @@ impl Settings {
         (self.uid, self.gid, self.groups) = (Some(c.uid), Some(c.gid), c.groups);
         Ok(())
     }
+
+    /// Puts `fd` at number `target` in every worker forked from now on
+    /// (Node's `stdio` entries past the channel: `stdio[4]` is fd 4). Give
+    /// it one end of a pipe or socketpair and keep the other to talk to
+    /// the workers; the worker takes its end with
+    /// [`Worker::take_fd`](crate::Worker::take_fd). `target` must be 4 to
+    /// 63 (0 to 2 are stdio, 3 the channel) and not mapped already; at
+    /// most [`MAX_EXTRA_FDS`]; else `InvalidInput`. The fd is shared by
+    /// every clone of these settings and closed with the last one.
+    pub fn map_fd(&mut self, fd: OwnedFd, target: i32) -> io::Result<()> {
+        check_extra_fd(target, &self.extra_fds)?;
+        self.extra_fds.push((Arc::new(fd), target));
+        Ok(())
+    }
+}
+
+// Why `target` may not be mapped next to `mapped`.
+pub(super) fn check_extra_fd(target: i32, mapped: &[(Arc<OwnedFd>, i32)]) -> io::Result<()> {
+    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+    if !(4..64).contains(&target) {
+        return Err(bad(format!(
+            "extra fd target {target}: must be 4 to 63 (0-2 are stdio, 3 the channel)"
+        )));
+    }
+    if mapped.iter().any(|(_, t)| *t == target) {
+        return Err(bad(format!("extra fd target {target} is mapped twice")));
+    }
+    if mapped.len() >= MAX_EXTRA_FDS {
+        return Err(bad(format!(
+            "extra fd target {target}: at most {MAX_EXTRA_FDS} extra fds"
+        )));
+    }
+    Ok(())
 }
 
 /// What [`Primary::next_event`] reports.
@@ -333,6 +383,9 @@ pub struct Primary {
     next_id: u32,
     handles: BTreeMap<u32, Handle>,
     keys: HashMap<String, u32>,
+    /// Sockets the program offered workers ([`Primary::listen_fd`]), by
+    /// fd number.
+    offered: BTreeMap<i32, OwnedFd>,
     next_handle: u32,
     next_conn: u32,
     events: VecDeque<Event>,
@@ -379,6 +432,7 @@ impl Primary {
             next_id: 1,
             handles: BTreeMap::new(),
             keys: HashMap::new(),
+            offered: BTreeMap::new(),
             next_handle: 1,
             next_conn: 1,
             events: VecDeque::new(),

@@ -1,13 +1,16 @@
-//! Creating the listening socket for a handle (≈ Node's shared_handle.js,
-//! which binds for `SCHED_NONE`; round robin binds the same way).
+//! Creating the socket for a handle (≈ Node's shared_handle.js, which
+//! binds for `SCHED_NONE`; round robin binds the same way): TCP listeners,
+//! Unix socket listeners and UDP sockets. A worker that listens with
+//! `exclusive` or `reuse_port` binds its own socket with the same code.
 
 #![forbid(unsafe_code)]
 
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::protocol::Endpoint;
@@ -19,8 +22,11 @@ use crate::sys::{fs, socket};
 pub enum Address {
     /// A TCP address.
     Tcp(SocketAddr),
-    /// A Unix socket path.
+    /// A Unix socket path (absolute; it may be longer than a `sockaddr_un`
+    /// holds, when the socket was bound through its directory).
     Unix(PathBuf),
+    /// A UDP address (`Worker::bind_udp`). Displayed as `udp:<address>`.
+    Udp(SocketAddr),
 }
 
 impl std::fmt::Display for Address {
@@ -28,18 +34,46 @@ impl std::fmt::Display for Address {
         match self {
             Address::Tcp(a) => write!(f, "{a}"),
             Address::Unix(p) => write!(f, "{}", p.display()),
+            Address::Udp(a) => write!(f, "udp:{a}"),
         }
     }
 }
 
-fn tcp_listener(addr: SocketAddr, v6only: Option<bool>, backlog: i32) -> io::Result<OwnedFd> {
-    let fd = socket::tcp_socket(&addr)?;
-    socket::set_reuseaddr(fd.as_fd(), true)?;
+/// How to make a socket, besides where.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct BindOptions {
+    /// `listen(2)` backlog (TCP and Unix).
+    pub backlog: i32,
+    /// A UDP socket instead of a TCP listener.
+    pub udp: bool,
+    /// `IPV6_V6ONLY` on: `[::]` takes no IPv4 traffic.
+    pub ipv6_only: bool,
+    /// `SO_REUSEPORT` on (a worker's own socket).
+    pub reuse_port: bool,
+    /// Permission bits added to a Unix socket file's mode after bind
+    /// (`0o444` readable by all, `0o222` writable by all), as libuv's
+    /// `uv_pipe_chmod`.
+    pub add_mode: u32,
+}
+
+fn inet_socket(addr: SocketAddr, v6only: Option<bool>, opts: &BindOptions) -> io::Result<OwnedFd> {
+    let fd = if opts.udp {
+        socket::udp_socket(&addr)?
+    } else {
+        let fd = socket::tcp_socket(&addr)?;
+        socket::set_reuseaddr(fd.as_fd(), true)?;
+        fd
+    };
+    if opts.reuse_port {
+        socket::set_reuseport(fd.as_fd(), true)?;
+    }
     if let (SocketAddr::V6(_), Some(only)) = (addr, v6only) {
         socket::set_ipv6_only(fd.as_fd(), only)?;
     }
     socket::bind(fd.as_fd(), &addr)?;
-    socket::listen(fd.as_fd(), backlog)?;
+    if !opts.udp {
+        socket::listen(fd.as_fd(), opts.backlog)?;
+    }
     Ok(fd)
 }
 
@@ -80,62 +114,133 @@ pub(crate) fn errno_of(e: &io::Error) -> Option<i32> {
     })
 }
 
-/// Binds and listens on `endpoint`; the error names the address. No host
-/// means `[::]` in dual-stack mode, falling back to `0.0.0.0` where IPv6 is
-/// missing. A Unix socket is bound in `dir`, the directory of its path,
-/// opened beforehand (see [`UnixFile`]); a path that already exists gives
-/// `EADDRINUSE`, as in Node.
-pub(super) fn bind(
+/// Binds (and listens on, but for UDP) `endpoint`; the error names the
+/// address. No host means `[::]` in dual-stack mode, falling back to
+/// `0.0.0.0` where IPv6 is missing (with `ipv6_only`: `[::]` alone). A
+/// Unix socket is bound in `dir`, the directory of its path, opened
+/// beforehand (see [`UnixFile`]); a path that already exists gives
+/// `EADDRINUSE`, as in Node. A path longer than a `sockaddr_un` holds is
+/// bound through that directory (`/proc/self/fd/N/name`) when that fits;
+/// otherwise it is `InvalidInput`.
+pub(crate) fn bind(
     endpoint: &Endpoint,
     dir: Option<OwnedFd>,
-    backlog: i32,
+    opts: &BindOptions,
 ) -> io::Result<(OwnedFd, Address, Option<UnixFile>)> {
+    let inet = |fd: &OwnedFd, what: &str| {
+        let real = socket::local_addr(fd.as_fd()).map_err(|e| named_error(e, what))?;
+        Ok::<_, io::Error>(if opts.udp {
+            Address::Udp(real)
+        } else {
+            Address::Tcp(real)
+        })
+    };
     match endpoint {
         Endpoint::Tcp(Some(ip), port) => {
             let addr = SocketAddr::new(*ip, *port);
-            let only = matches!(ip, IpAddr::V6(v6) if v6.is_unspecified()).then_some(false);
-            let fd =
-                tcp_listener(addr, only, backlog).map_err(|e| named_error(e, &addr.to_string()))?;
-            let real =
-                socket::local_addr(fd.as_fd()).map_err(|e| named_error(e, &addr.to_string()))?;
-            Ok((fd, Address::Tcp(real), None))
+            let what = addr.to_string();
+            let only = match ip {
+                IpAddr::V4(_) if opts.ipv6_only => {
+                    return Err(named_error(
+                        io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "ipv6_only needs an IPv6 address",
+                        ),
+                        &what,
+                    ))
+                }
+                IpAddr::V6(_) if opts.ipv6_only => Some(true),
+                IpAddr::V6(v6) if v6.is_unspecified() => Some(false),
+                _ => None,
+            };
+            let fd = inet_socket(addr, only, opts).map_err(|e| named_error(e, &what))?;
+            let address = inet(&fd, &what)?;
+            Ok((fd, address, None))
         }
         Endpoint::Tcp(None, port) => {
             let v6 = Endpoint::unspecified_v6(*port);
-            let fd = match tcp_listener(v6, Some(false), backlog) {
+            let fd = match inet_socket(v6, Some(opts.ipv6_only), opts) {
                 Ok(fd) => fd,
-                Err(e) if matches!(e.raw_os_error(), Some(97 | 99)) => {
+                Err(e) if !opts.ipv6_only && matches!(e.raw_os_error(), Some(97 | 99)) => {
                     // EAFNOSUPPORT / EADDRNOTAVAIL: no IPv6 here.
                     let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), *port);
-                    tcp_listener(v4, None, backlog).map_err(|e| named_error(e, &v4.to_string()))?
+                    inet_socket(v4, None, opts).map_err(|e| named_error(e, &v4.to_string()))?
                 }
                 Err(e) => return Err(named_error(e, &v6.to_string())),
             };
-            let real =
-                socket::local_addr(fd.as_fd()).map_err(|e| named_error(e, &v6.to_string()))?;
-            Ok((fd, Address::Tcp(real), None))
+            let address = inet(&fd, &v6.to_string())?;
+            Ok((fd, address, None))
         }
         Endpoint::Unix(path) => {
             let what = path.display().to_string();
-            let (parent, name) = split_unix_path(path).map_err(|e| named_error(e, &what))?;
+            let fail = |e| named_error(e, &what);
+            if opts.udp || opts.reuse_port || opts.ipv6_only {
+                return Err(fail(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "UDP, reuse_port and ipv6_only do not apply to a Unix socket path",
+                )));
+            }
+            let (parent, name) = split_unix_path(path).map_err(fail)?;
             let dir = match dir {
                 Some(d) => d,
-                None => fs::open_dir(&parent).map_err(|e| named_error(e, &what))?,
+                None => fs::open_dir(&parent).map_err(fail)?,
             };
-            let fd = socket::unix_socket().map_err(|e| named_error(e, &what))?;
-            socket::bind_unix(fd.as_fd(), path).map_err(|e| named_error(e, &what))?;
-            let file = UnixFile::record(dir, &parent, name).map_err(|e| named_error(e, &what))?;
+            let fd = socket::unix_socket().map_err(fail)?;
+            bind_unix_in(fd.as_fd(), path, &dir, &name).map_err(fail)?;
+            let file = UnixFile::record(dir, &parent, name).map_err(fail)?;
             // On error `file` drops here and removes the socket file.
-            socket::listen(fd.as_fd(), backlog).map_err(|e| named_error(e, &what))?;
+            if opts.add_mode != 0 {
+                file.add_mode(opts.add_mode).map_err(fail)?;
+            }
+            socket::listen(fd.as_fd(), opts.backlog).map_err(fail)?;
             Ok((fd, Address::Unix(path.clone()), Some(file)))
         }
+        Endpoint::Fd(n) => Err(named_error(
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a socket of the program's own is not bound here",
+            ),
+            &format!("fd {n}"),
+        )),
     }
+}
+
+// Binds `fd` to `path` (whose directory `dir` is, and last component
+// `name`): by the path itself when it fits in a `sockaddr_un`, else through
+// the directory fd (Node PR #16749 binds a long path relative to the cwd;
+// the directory fd works from any cwd).
+fn bind_unix_in(
+    fd: std::os::fd::BorrowedFd<'_>,
+    path: &Path,
+    dir: &OwnedFd,
+    name: &OsStr,
+) -> io::Result<()> {
+    let max = socket::SUN_PATH_LEN - 1;
+    let len = path.as_os_str().len();
+    if len <= max {
+        return socket::bind_unix(fd, path);
+    }
+    let mut via = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    via.extend_from_slice(name.as_bytes());
+    if via.len() > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the Unix socket path is {len} bytes, more than the {max} a sockaddr_un \
+                 holds, and its file name ({} bytes) is too long to bind through its \
+                 directory ({} bytes)",
+                name.len(),
+                via.len()
+            ),
+        ));
+    }
+    socket::bind_unix(fd, Path::new(&OsString::from_vec(via)))
 }
 
 /// Splits a Unix socket path into its directory and its last component,
 /// exactly as `bind(2)` reads it: the last component must be a plain name
 /// (not empty, `.` or `..`).
-pub(super) fn split_unix_path(path: &Path) -> io::Result<(PathBuf, OsString)> {
+pub(crate) fn split_unix_path(path: &Path) -> io::Result<(PathBuf, OsString)> {
     let bytes = path.as_os_str().as_bytes();
     let (dir, name) = match bytes.iter().rposition(|&b| b == b'/') {
         Some(0) => (&b"/"[..], &bytes[1..]),
@@ -167,7 +272,7 @@ pub(super) fn split_unix_path(path: &Path) -> io::Result<(PathBuf, OsString)> {
 /// and `unlinkat`. Both need write access to a directory the program
 /// allowed.
 #[derive(Debug)]
-pub(super) struct UnixFile {
+pub(crate) struct UnixFile {
     dir: OwnedFd,
     name: OsString,
     file: fs::Stat,
@@ -205,11 +310,51 @@ impl UnixFile {
         Ok(UnixFile { dir, name, file })
     }
 
+    /// Adds permission `bits` to the socket file's mode (as libuv's
+    /// `uv_pipe_chmod`), only while its directory entry is still the socket
+    /// bound: `openat(dir, name, O_PATH | O_NOFOLLOW)`, `fstat` gives the
+    /// same device and inode, then `chmod` of `/proc/self/fd/N`, which is
+    /// that very inode whatever the directory holds by then (a symlink a
+    /// worker swaps in is neither followed nor changed).
+    pub(crate) fn add_mode(&self, bits: u32) -> io::Result<()> {
+        let replaced = || {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                Named {
+                    errno: Some(13), // EACCES
+                    text: "the socket file was replaced before its mode was set".to_string(),
+                },
+            )
+        };
+        let fd =
+            fs::open_path_nofollow(self.dir.as_fd(), &self.name).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => replaced(),
+                _ => e,
+            })?;
+        let now = fs::fstat(fd.as_fd())?;
+        if !now.is_socket() || !now.same_file(&self.file) {
+            return Err(replaced());
+        }
+        let mode = now.mode & 0o7777;
+        if mode & bits == bits {
+            return Ok(());
+        }
+        let magic = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        std::fs::set_permissions(&magic, std::fs::Permissions::from_mode(mode | bits)).map_err(
+            |e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("chmod of the socket file through {magic}: {e}"),
+                )
+            },
+        )
+    }
+
     /// Removes the file if its directory entry is still the socket bound:
     /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)` gives the same device and
     /// inode, then `unlinkat(dir, name)`. `Ok(false)` when it is gone or
     /// is another file now.
-    pub(super) fn remove(&self) -> io::Result<bool> {
+    pub(crate) fn remove(&self) -> io::Result<bool> {
         match fs::fstatat_nofollow(self.dir.as_fd(), &self.name) {
             Ok(now) if now.is_socket() && now.same_file(&self.file) => {
                 fs::unlinkat(self.dir.as_fd(), &self.name)?;
@@ -231,6 +376,13 @@ impl Drop for UnixFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn opts(backlog: i32) -> BindOptions {
+        BindOptions {
+            backlog,
+            ..BindOptions::default()
+        }
+    }
 
     #[test]
     fn unix_paths_split_as_bind_reads_them() {
@@ -258,12 +410,12 @@ mod tests {
         let path = base.join("d/s.sock");
         let ep = Endpoint::Unix(path.clone());
         // Dropped: removed.
-        let (_fd, _, file) = bind(&ep, None, 8).unwrap();
+        let (_fd, _, file) = bind(&ep, None, &opts(8)).unwrap();
         assert!(path.exists());
         drop(file);
         assert!(!path.exists());
         // Replaced by a plain file: kept.
-        let (_fd, _, file) = bind(&ep, None, 8).unwrap();
+        let (_fd, _, file) = bind(&ep, None, &opts(8)).unwrap();
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, b"not yours").unwrap();
         assert!(!file.as_ref().unwrap().remove().unwrap());
@@ -274,7 +426,7 @@ mod tests {
         // goes from where it really is, the symlink's target stays.
         std::fs::create_dir_all(base.join("victim")).unwrap();
         std::fs::write(base.join("victim/s.sock"), b"victim").unwrap();
-        let (_fd, _, file) = bind(&ep, None, 8).unwrap();
+        let (_fd, _, file) = bind(&ep, None, &opts(8)).unwrap();
         std::fs::rename(base.join("d"), base.join("moved")).unwrap();
         std::os::unix::fs::symlink(base.join("victim"), base.join("d")).unwrap();
         drop(file);
@@ -284,9 +436,58 @@ mod tests {
         );
         assert!(!base.join("moved/s.sock").exists());
         // An existing path is EADDRINUSE, and the file stays.
-        let e = bind(&Endpoint::Unix(base.join("victim/s.sock")), None, 8).unwrap_err();
+        let e = bind(&Endpoint::Unix(base.join("victim/s.sock")), None, &opts(8)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
         assert!(base.join("victim/s.sock").exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_long_unix_path_binds_through_its_directory() {
+        let base = std::env::temp_dir().join(format!("syncluster-long-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let mut deep = base.clone();
+        while deep.as_os_str().len() < 120 {
+            deep.push("dddddddddddddddddddd");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let path = deep.join("s.sock");
+        let (fd, address, file) = bind(&Endpoint::Unix(path.clone()), None, &opts(8)).unwrap();
+        assert_eq!(address, Address::Unix(path.clone()));
+        assert!(fs::stat(&path).unwrap().is_socket());
+        assert!(socket::is_listening(fd.as_fd()).unwrap());
+        drop(file);
+        assert!(!path.exists());
+        // A name too long even through the directory.
+        let long = deep.join("n".repeat(100));
+        let e = bind(&Endpoint::Unix(long), None, &opts(8)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("sockaddr_un"), "{e}");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn the_mode_is_set_only_on_the_socket_bound() {
+        let base = std::env::temp_dir().join(format!("syncluster-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let path = base.join("s.sock");
+        let (_fd, _, file) = bind(&Endpoint::Unix(path.clone()), None, &opts(8)).unwrap();
+        let file = file.unwrap();
+        file.add_mode(0o666).unwrap();
+        assert_eq!(fs::stat(&path).unwrap().mode & 0o666, 0o666);
+        // Swapped for a symlink to a file of someone else's: refused, and
+        // neither the link nor its target changes.
+        let victim = base.join("victim");
+        std::fs::write(&victim, b"x").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let e = file.add_mode(0o666).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(fs::stat(&victim).unwrap().mode & 0o777, 0o600);
+        drop(file);
+        assert!(path.symlink_metadata().is_ok(), "the symlink was removed");
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

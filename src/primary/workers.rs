@@ -15,7 +15,7 @@ use super::event_loop::{Budget, TOKEN_PIDFD, TOKEN_WORKER};
 use super::handles::Grant;
 use super::round_robin::Conn;
 use super::{Event, Primary, Stdio};
-use crate::env::{ENV_CHANNEL_FD, ENV_WORKER_ID, ENV_WORKER_PID};
+use crate::env::{ENV_CHANNEL_FD, ENV_FDS, ENV_WORKER_ID, ENV_WORKER_PID};
 use crate::ipc::channel::{Channel, QueueFull};
 use crate::ipc::wire::Kind;
 use crate::protocol::Policy;
@@ -175,6 +175,7 @@ impl Primary {
             k == ENV_WORKER_ID
                 || k == ENV_CHANNEL_FD
                 || k == ENV_WORKER_PID
+                || k == ENV_FDS
                 || crate::systemd::is_primary_only(k)
         };
         let mut vars: Vec<(OsString, OsString)> =
@@ -197,6 +198,14 @@ impl Primary {
             OsStr::new(ENV_CHANNEL_FD),
             OsStr::new(&CHANNEL_FD.to_string()),
         );
+        let extra = s.extra_fds.clone();
+        for (i, (_, target)) in extra.iter().enumerate() {
+            super::check_extra_fd(*target, &extra[..i])?;
+        }
+        if !extra.is_empty() {
+            let list: Vec<String> = extra.iter().map(|(_, t)| t.to_string()).collect();
+            set(OsStr::new(ENV_FDS), OsStr::new(&list.join(",")));
+        }
         let mut plan = process::SpawnPlan::new(&exec, &argv, &vars)?;
         if let Some(cwd) = &s.cwd {
             plan.cwd(cwd)?;
@@ -221,6 +230,7 @@ impl Primary {
             map.push((out_w.as_fd(), 1));
             map.push((err_w.as_fd(), 2));
         }
+        map.extend(extra.iter().map(|(fd, target)| (fd.as_fd(), *target)));
         let pid = process::spawn(&plan, &map)
             .map_err(|e| io::Error::new(e.kind(), format!("fork of worker {id}: {e}")))?;
         drop(map);
@@ -450,7 +460,7 @@ impl Primary {
         // then Disconnect, then Exit. Bounded: a child it left behind may
         // hold the channel and keep writing.
         self.read_worker(id, Budget::AT_EXIT);
-        self.close_channel(id);
+        self.drop_channel(id);
         // The slot stays (state Dead) until this Exit is handed out.
         if let Some(s) = self.workers.get_mut(&id) {
             s.state = State::Dead;
@@ -484,12 +494,12 @@ impl Primary {
                 let _ = process::kill(s.pid, signal::SIGKILL);
             }
         }
-        self.close_channel(id);
+        self.drop_channel(id);
     }
 
     // Closes a worker's channel once: re-queues what was in flight to it,
     // drops it from every handle, reports Disconnect.
-    pub(super) fn close_channel(&mut self, id: u32) {
+    pub(super) fn drop_channel(&mut self, id: u32) {
         let Some(slot) = self.workers.get_mut(&id) else {
             return;
         };
@@ -519,5 +529,54 @@ impl Primary {
             }
         }
         self.events.push_back(Event::Disconnect(id));
+    }
+}
+
+impl Primary {
+    /// Closes a worker's channel without asking it to disconnect (≈
+    /// Node's `worker.process.disconnect()`): the primary stops routing
+    /// to it, hands what was in flight to it to the others, and reports
+    /// `Disconnect`; its `Exit` reports `exited_after_disconnect: false`
+    /// unless a disconnect was asked for before. The worker reads EOF:
+    /// its loop reports its `Disconnect` (as when the primary dies) and
+    /// it should finish what it holds and exit; nothing kills it.
+    /// `NotConnected` for an unknown worker or a channel already closed.
+    pub fn close_channel(&mut self, id: u32) -> io::Result<()> {
+        let slot = self.workers.get(&id).ok_or_else(|| Self::gone(id))?;
+        if slot.channel.is_none() {
+            return Err(Self::gone(id));
+        }
+        let mut requeued: Vec<u32> = slot.in_flight.iter().map(|f| f.handle).collect();
+        requeued.dedup();
+        // A deliberate close: its handles close with their last worker
+        // now, instead of lingering as a crashed worker's would.
+        self.unroute(id);
+        self.drop_channel(id);
+        // What was in flight to it went back to its handles' queues.
+        for hid in requeued {
+            self.distribute(hid, false);
+        }
+        Ok(())
+    }
+
+    /// True while the worker's channel is open and no disconnect was asked
+    /// for, by either side (≈ Node's `worker.isConnected()`: false as
+    /// soon as a disconnect is requested). False for an id never issued
+    /// and once the worker is gone.
+    pub fn is_connected(&self, id: u32) -> bool {
+        self.workers
+            .get(&id)
+            .is_some_and(|s| s.channel.is_some() && !s.exited_after_disconnect && s.exit.is_none())
+    }
+
+    /// True once the worker's process has ended (≈ Node's
+    /// `worker.isDead()`): its exit was reaped, whether or not its `Exit`
+    /// event was handed out yet, and for every id issued before whose
+    /// `Exit` was. False for a live worker and for an id never issued.
+    pub fn is_dead(&self, id: u32) -> bool {
+        match self.workers.get(&id) {
+            Some(s) => s.exit.is_some(),
+            None => id != 0 && id < self.next_id,
+        }
     }
 }

@@ -93,6 +93,23 @@ pub fn open_parent(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `openat(dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC)`: a handle on the
+/// entry `name` of `dir` itself (a symlink is not followed: the handle is
+/// the symlink). `name` must be one path component. Retries `EINTR`.
+pub fn open_path_nofollow(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+    let c = one_name(name)?;
+    // SAFETY: dir is open and c a NUL-terminated string that outlives the call.
+    let fd = cvt_r(|| unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// `fstat(2)` of an open fd (an `O_PATH` one too). Never `EINTR`.
 pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
     // SAFETY: stat is plain old data; fstat fills it.

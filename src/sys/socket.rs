@@ -1,5 +1,6 @@
-//! Sockets: `socketpair`, TCP v4/v6 and Unix-path listeners, `accept4`,
-//! options and address conversion. Every socket is `SOCK_CLOEXEC` from birth.
+//! Sockets: `socketpair`, TCP v4/v6 and Unix-path listeners, UDP sockets,
+//! `accept4`, options and address conversion. Every socket is
+//! `SOCK_CLOEXEC` from birth.
 
 use std::io;
 use std::mem;
@@ -47,6 +48,19 @@ pub fn tcp_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
             0,
         )
     })?;
+    Ok(owned(fd))
+}
+
+/// `socket(AF_INET or AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC)` for the family
+/// of `addr`. Blocking, as std's `UdpSocket::bind` makes it: a UDP socket
+/// goes to workers as a `UdpSocket`, not to the primary's loop.
+pub fn udp_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: plain socket creation; no pointers.
+    let fd = cvt(unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     Ok(owned(fd))
 }
 
@@ -113,7 +127,7 @@ pub fn domain(fd: BorrowedFd<'_>) -> io::Result<i32> {
     getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)
 }
 
-/// `getsockopt(SOL_SOCKET, SO_TYPE)`: `SOCK_STREAM` is 1.
+/// `getsockopt(SOL_SOCKET, SO_TYPE)`: `SOCK_STREAM` is 1, `SOCK_DGRAM` 2.
 pub fn socket_type(fd: BorrowedFd<'_>) -> io::Result<i32> {
     getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)
 }
@@ -130,6 +144,13 @@ pub fn is_unix_stream(fd: BorrowedFd<'_>) -> bool {
         (Ok(libc::AF_UNIX), Ok(libc::SOCK_STREAM))
     )
 }
+
+/// `SOCK_STREAM`, so that callers need not name `libc`.
+pub const SOCK_STREAM: i32 = libc::SOCK_STREAM;
+
+/// The size of `sockaddr_un.sun_path` on Linux, its NUL included: a path
+/// bound by name has at most `SUN_PATH_LEN - 1` bytes.
+pub const SUN_PATH_LEN: usize = 108;
 
 /// The address family constants, so that callers need not name `libc`.
 pub const AF_UNIX: i32 = libc::AF_UNIX;
@@ -316,6 +337,41 @@ pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
     })?;
     from_raw(&storage, len)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "getsockname: not an IP socket"))
+}
+
+/// `getsockname(2)` of an `AF_UNIX` socket bound to a path: that path.
+/// An unnamed or abstract socket, or another family, gives `InvalidInput`.
+pub fn local_unix_path(fd: BorrowedFd<'_>) -> io::Result<std::path::PathBuf> {
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+    let mut sun: libc::sockaddr_un = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: sun and len are writable and len gives sun's size.
+    cvt(unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut sun as *mut libc::sockaddr_un).cast(),
+            &mut len,
+        )
+    })?;
+    let not_path = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "getsockname: not a Unix socket bound to a path",
+        )
+    };
+    if sun.sun_family as i32 != libc::AF_UNIX {
+        return Err(not_path());
+    }
+    let n = (len as usize).saturating_sub(mem::size_of::<libc::sa_family_t>());
+    let raw: Vec<u8> = sun.sun_path[..n.min(sun.sun_path.len())]
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    if raw.is_empty() || sun.sun_path[0] == 0 {
+        return Err(not_path());
+    }
+    Ok(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&raw)))
 }
 
 /// `shutdown(SHUT_WR)`: ends our half of a stream.

@@ -13,11 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::count::{ListenerCount, Waker, WorkerCount};
-use super::listener::ListenerState;
+use super::listener::{ListenOptions, ListenerState};
 use super::{Event, Stream};
+use crate::env::ENV_FDS;
 use crate::ipc::channel::{Channel, Frame, Recv};
 use crate::ipc::wire::Kind;
-use crate::protocol::{self, Endpoint, Policy, Query, REJECTED};
+use crate::primary::shared::{self, BindOptions};
+use crate::protocol::{self, Endpoint, Policy, Query, QueryFlags, REJECTED};
 use crate::readiness::Readiness;
 use crate::sys::{self, epoll, poll};
 
@@ -58,6 +60,49 @@ pub(super) struct Inner {
     /// Open connections, and the wake socketpair once a shared listener
     /// got a cap.
     pub(super) counts: Arc<WorkerCount>,
+    /// The extra fds the primary mapped (`SYNCLUSTER_FDS`), adopted at
+    /// start, until the program takes them.
+    mapped: Vec<(i32, Option<OwnedFd>)>,
+}
+
+/// What the primary answered a query: the handle, its policy, its address
+/// and (shared) the socket; with the index key it was asked under.
+struct Granted {
+    handle: u32,
+    policy: Policy,
+    address: String,
+    shared: Option<OwnedFd>,
+    key: String,
+    index: u32,
+}
+
+// Adopts the fds `SYNCLUSTER_FDS` names, at start, before the program
+// could reuse their numbers.
+fn adopt_mapped() -> io::Result<Vec<(i32, Option<OwnedFd>)>> {
+    let Some(v) = std::env::var_os(ENV_FDS) else {
+        return Ok(Vec::new());
+    };
+    let s = v.to_string_lossy();
+    let bad = |why: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{ENV_FDS}={s:?}: {why}"),
+        )
+    };
+    let mut out: Vec<(i32, Option<OwnedFd>)> = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let n = part
+            .parse::<i32>()
+            .ok()
+            .filter(|n| (4..64).contains(n))
+            .ok_or_else(|| bad(format!("{part:?} is not an fd number from 4 to 63")))?;
+        if out.iter().any(|(m, _)| *m == n) {
+            return Err(bad(format!("fd {n} is named twice")));
+        }
+        let fd = sys::fd::adopt_inherited(n).map_err(|e| bad(e.to_string()))?;
+        out.push((n, Some(fd)));
+    }
+    Ok(out)
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -92,6 +137,7 @@ impl Inner {
         channel.send(Kind::Online, 0, 0, &[], &[])?;
         let epoll = epoll::Epoll::new()?;
         epoll.add(channel.as_fd(), epoll::READABLE, TOKEN_CHANNEL)?;
+        let mapped = adopt_mapped()?;
         Ok(Inner {
             id,
             primary_pid,
@@ -107,7 +153,24 @@ impl Inner {
             next_req: 1,
             ready_cursor: 0,
             counts: Arc::new(WorkerCount::default()),
+            mapped,
         })
+    }
+
+    /// `Worker::take_fd`.
+    pub(super) fn take_fd(&mut self, target: i32) -> io::Result<OwnedFd> {
+        match self.mapped.iter_mut().find(|(n, _)| *n == target) {
+            Some((_, fd)) => fd.take().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("fd {target} was taken already"),
+                )
+            }),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("fd {target} was not mapped by the primary (Settings::map_fd)"),
+            )),
+        }
     }
 
     pub(super) fn disconnecting(&self) -> bool {
@@ -188,58 +251,46 @@ impl Inner {
 
     // ------------------------------------------------------------ listen
 
-    pub(super) fn listen(&mut self, addr: &str, backlog: u32) -> io::Result<usize> {
-        let endpoint = Endpoint::parse(addr)?;
-        let key = endpoint.key();
+    pub(super) fn listen(&mut self, addr: &str, opts: &ListenOptions) -> io::Result<usize> {
+        let endpoint = opts.endpoint(addr)?;
         if self.disconnecting() {
             return Err(disconnecting());
         }
-        // Node's index: the k-th live listen on the same endpoint.
-        let used = self.indexes.entry(key.clone()).or_default();
-        let index = (0..).find(|i| !used.contains(i)).unwrap_or(0);
-        used.push(index);
-        let q = Query {
-            endpoint,
-            index,
-            backlog,
-        };
-        let seq = self.next_req;
-        self.next_req = self.next_req.wrapping_add(1);
-        let (handle, policy, address, shared) = match self.query(seq, &q) {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) | Err(e) => {
-                self.release_index(&key, index);
-                return Err(e);
-            }
-        };
+        if opts.exclusive || opts.reuse_port {
+            return self.listen_own(&endpoint, opts);
+        }
+        let g = self.query_handle(endpoint.clone(), opts.flags(), opts.backlog)?;
         let idx = self.listeners.len();
-        if let Some(fd) = &shared {
+        if let Some(fd) = &g.shared {
             let bits = epoll::READABLE | epoll::EXCLUSIVE;
             if let Err(e) = self
                 .epoll
                 .add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64)
             {
-                self.release_index(&key, index);
-                let _ = self.send(Kind::Close, 0, handle, &[], &[]);
+                self.release_index(&g.key, g.index);
+                let _ = self.send(Kind::Close, 0, g.handle, &[], &[]);
                 return Err(e);
             }
         }
+        let unix = g.address.starts_with('/');
         self.listeners.push(Some(ListenerState {
-            handle,
-            policy,
-            address,
-            unix: matches!(q.endpoint, Endpoint::Unix(_)),
-            key,
-            index,
-            in_epoll: shared.is_some(),
-            shared,
+            handle: g.handle,
+            policy: g.policy,
+            address: g.address,
+            unix,
+            key: g.key,
+            index: g.index,
+            in_epoll: g.shared.is_some(),
+            shared: g.shared,
+            own: false,
+            unix_file: None,
             resting_until: None,
             max: None,
             nonblocking: false,
             count: ListenerCount::new(&self.counts),
             queue: VecDeque::new(),
         }));
-        if let Err(e) = self.send(Kind::Listening, 0, handle, &[], &[]) {
+        if let Err(e) = self.send(Kind::Listening, 0, g.handle, &[], &[]) {
             self.close_listener(idx);
             return Err(e);
         }
@@ -248,6 +299,116 @@ impl Inner {
             self.read_channel(false)?;
         }
         Ok(idx)
+    }
+
+    // `exclusive` or `reuse_port`: the worker binds the socket itself, with
+    // its own credentials; the primary knows nothing of it (Node's
+    // `listen({exclusive: true})` calls `_listen2` in the worker too).
+    fn listen_own(&mut self, endpoint: &Endpoint, opts: &ListenOptions) -> io::Result<usize> {
+        let backlog = match opts.backlog {
+            0 => 511,
+            n => n.min(i32::MAX as u32) as i32,
+        };
+        let bind = BindOptions {
+            backlog,
+            udp: false,
+            ipv6_only: opts.ipv6_only,
+            reuse_port: opts.reuse_port,
+            add_mode: opts.add_mode(),
+        };
+        let (fd, address, unix_file) = shared::bind(endpoint, None, &bind)?;
+        let idx = self.listeners.len();
+        let bits = epoll::READABLE | epoll::EXCLUSIVE;
+        self.epoll
+            .add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64)?;
+        self.listeners.push(Some(ListenerState {
+            handle: 0,
+            policy: Policy::Shared,
+            address: address.to_string(),
+            unix: unix_file.is_some(),
+            key: String::new(),
+            index: 0,
+            in_epoll: true,
+            shared: Some(fd),
+            own: true,
+            unix_file,
+            resting_until: None,
+            max: None,
+            nonblocking: false,
+            count: ListenerCount::new(&self.counts),
+            queue: VecDeque::new(),
+        }));
+        Ok(idx)
+    }
+
+    /// `Worker::bind_udp`: the primary's UDP socket for `addr`, shared by
+    /// every worker asking for it. Its index stays taken: a `UdpSocket`
+    /// cannot say when it is dropped.
+    pub(super) fn bind_udp(&mut self, addr: &str) -> io::Result<std::net::UdpSocket> {
+        let endpoint = Endpoint::parse(addr)?;
+        if matches!(endpoint, Endpoint::Unix(_)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad UDP address {addr:?}: a path is not a UDP address"),
+            ));
+        }
+        if self.disconnecting() {
+            return Err(disconnecting());
+        }
+        let g = self.query_handle(endpoint, QueryFlags::UDP, 0)?;
+        let Some(fd) = g.shared else {
+            let _ = self.send(Kind::Close, 0, g.handle, &[], &[]);
+            return Err(invalid(format!(
+                "the primary answered a UDP query with a {} handle and no socket",
+                g.policy.name()
+            )));
+        };
+        if let Err(e) = self.send(Kind::Listening, 0, g.handle, &[], &[]) {
+            self.release_index(&g.key, g.index);
+            return Err(e);
+        }
+        if self.channel.as_ref().is_some_and(Channel::has_buffered) {
+            self.read_channel(false)?;
+        }
+        Ok(std::net::UdpSocket::from(fd))
+    }
+
+    // Sends a query for `endpoint` under the next free index and waits for
+    // the answer; on failure the index is free again.
+    fn query_handle(
+        &mut self,
+        endpoint: Endpoint,
+        flags: QueryFlags,
+        backlog: u32,
+    ) -> io::Result<Granted> {
+        let mut q = Query {
+            endpoint,
+            index: 0,
+            backlog,
+            flags,
+        };
+        let key = q.key();
+        // Node's index: the k-th live listen on the same endpoint.
+        let used = self.indexes.entry(key.clone()).or_default();
+        let index = (0..).find(|i| !used.contains(i)).unwrap_or(0);
+        used.push(index);
+        q.index = index;
+        let seq = self.next_req;
+        self.next_req = self.next_req.wrapping_add(1);
+        match self.query(seq, &q) {
+            Ok(Ok((handle, policy, address, shared))) => Ok(Granted {
+                handle,
+                policy,
+                address,
+                shared,
+                key,
+                index,
+            }),
+            Ok(Err(e)) | Err(e) => {
+                self.release_index(&key, index);
+                Err(e)
+            }
+        }
     }
 
     // Sends QueryServer and reads frames until its reply.
@@ -695,6 +856,8 @@ impl Inner {
                 continue;
             };
             let Some(fd) = l.shared.take() else { continue };
+            // The socket closes below: its file (exclusive Unix) goes too.
+            let unix_file = l.unix_file.take();
             if l.in_epoll {
                 let _ = self.epoll.delete(fd.as_fd());
                 l.in_epoll = false;
@@ -712,6 +875,7 @@ impl Inner {
             l.count
                 .paused
                 .store(false, std::sync::atomic::Ordering::SeqCst);
+            drop((fd, unix_file));
         }
     }
 
@@ -758,6 +922,10 @@ impl Inner {
         l.count
             .paused
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        if l.own {
+            // Its socket and Unix file go with `l`; the primary never knew.
+            return;
+        }
         self.release_index(&l.key, l.index);
         if self.channel.is_none() {
             return;

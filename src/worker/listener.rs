@@ -15,8 +15,175 @@ use std::time::Instant;
 use super::count::ListenerCount;
 use super::event_loop::Inner;
 use super::{SocketAddr, Stream};
-use crate::protocol::Policy;
+use crate::primary::shared::UnixFile;
+use crate::protocol::{Endpoint, Policy, QueryFlags};
 use crate::sys::epoll::Epoll;
+
+/// How [`Worker::listen_with`](super::Worker::listen_with) listens (the
+/// options of Node's `server.listen(options)`). Build it with setters:
+///
+/// ```no_run
+/// # fn main() -> std::io::Result<()> {
+/// use syncluster::worker::ListenOptions;
+/// let worker = syncluster::Worker::from_env()?.expect("run by a primary");
+/// let v6 = worker.listen_with("[::]:8000", &ListenOptions::new().ipv6_only(true))?;
+/// let own = worker.listen_with("127.0.0.1:9000", &ListenOptions::new().reuse_port(true))?;
+/// let sock = worker.listen_with(
+///     "/run/app/app.sock",
+///     &ListenOptions::new().readable_all(true).writable_all(true),
+/// )?;
+/// # let _ = (v6, own, sock);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Options that do not fit the address (`ipv6_only` on an IPv4 address or
+/// a path, a file mode for a TCP address, `reuse_port` on a path, `fd`
+/// with an address or with `exclusive`) make `listen_with` fail with
+/// `InvalidInput`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListenOptions {
+    pub(super) backlog: u32,
+    pub(super) ipv6_only: bool,
+    pub(super) exclusive: bool,
+    pub(super) reuse_port: bool,
+    pub(super) readable_all: bool,
+    pub(super) writable_all: bool,
+    pub(super) fd: Option<i32>,
+}
+
+impl ListenOptions {
+    /// The defaults: the primary binds (or joins) the socket, backlog 511,
+    /// dual-stack `[::]`, the Unix socket file's mode from the primary's
+    /// umask.
+    pub fn new() -> ListenOptions {
+        ListenOptions::default()
+    }
+
+    /// The `listen(2)` backlog (Node's `backlog`); 0 (the default) means
+    /// the primary's default, 511. It applies when the socket is created:
+    /// a worker joining a socket another one made gets that one's.
+    pub fn backlog(mut self, backlog: u32) -> ListenOptions {
+        self.backlog = backlog;
+        self
+    }
+
+    /// `IPV6_V6ONLY` (Node's `ipv6Only`): `[::]` (or a port alone) takes
+    /// no IPv4 traffic, so `0.0.0.0` on the same port stays free. Only
+    /// for IPv6 addresses and a port alone. It is part of the handle's
+    /// key: workers asking with and without it get different sockets.
+    pub fn ipv6_only(mut self, on: bool) -> ListenOptions {
+        self.ipv6_only = on;
+        self
+    }
+
+    /// The worker binds its own socket instead of asking the primary
+    /// (Node's `exclusive: true`): no other worker shares it (another
+    /// worker's `listen` on the same address fails with `AddrInUse`), the
+    /// primary's [`ListenRules`](crate::primary::ListenRules) do not apply
+    /// (the worker's own credentials do), and the primary reports no
+    /// `Listening` for it. A Unix socket file it creates is removed when
+    /// the listener closes. It closes on disconnect as the others do.
+    pub fn exclusive(mut self, on: bool) -> ListenOptions {
+        self.exclusive = on;
+        self
+    }
+
+    /// Like [`exclusive`](ListenOptions::exclusive), with `SO_REUSEPORT`
+    /// (Node's `reusePort`, v22.12): every worker binds its own socket on
+    /// the same port and the kernel spreads connections among them. TCP
+    /// only. With port 0 each worker gets a port of its own.
+    pub fn reuse_port(mut self, on: bool) -> ListenOptions {
+        self.reuse_port = on;
+        self
+    }
+
+    /// A Unix socket file readable by all (Node's `readableAll`): after
+    /// bind, the primary (or the worker, with `exclusive`) adds `0o444` to
+    /// the file's mode, through the directory it holds open, and only
+    /// while the file is still the socket it bound.
+    pub fn readable_all(mut self, on: bool) -> ListenOptions {
+        self.readable_all = on;
+        self
+    }
+
+    /// A Unix socket file writable by all (Node's `writableAll`): adds
+    /// `0o222`, as [`readable_all`](ListenOptions::readable_all) does.
+    /// Connecting to a Unix socket takes write permission.
+    pub fn writable_all(mut self, on: bool) -> ListenOptions {
+        self.writable_all = on;
+        self
+    }
+
+    /// Listens on a socket the primary offered with
+    /// [`Primary::listen_fd`](crate::Primary::listen_fd), named by the
+    /// number it returned (Node's `listen({fd})`, which names fd N of the
+    /// primary). The address given to `listen_with` must then be empty.
+    /// An fd the primary did not offer fails with `NotFound`.
+    pub fn fd(mut self, fd: i32) -> ListenOptions {
+        self.fd = Some(fd);
+        self
+    }
+
+    /// Bits added to a Unix socket file's mode.
+    pub(super) fn add_mode(&self) -> u32 {
+        (if self.readable_all { 0o444 } else { 0 }) | (if self.writable_all { 0o222 } else { 0 })
+    }
+
+    /// The query flags these options ask the primary for.
+    pub(super) fn flags(&self) -> QueryFlags {
+        let mut f = QueryFlags::empty();
+        if self.ipv6_only {
+            f = f.with(QueryFlags::IPV6_ONLY);
+        }
+        if self.readable_all {
+            f = f.with(QueryFlags::READABLE_ALL);
+        }
+        if self.writable_all {
+            f = f.with(QueryFlags::WRITABLE_ALL);
+        }
+        f
+    }
+
+    /// Where `addr` with these options listens; `InvalidInput` when they
+    /// do not fit together.
+    pub(super) fn endpoint(&self, addr: &str) -> io::Result<Endpoint> {
+        let bad = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("listen on {addr:?}: {why}"),
+            )
+        };
+        let endpoint = match self.fd {
+            Some(_) if !addr.is_empty() => {
+                return Err(bad("with ListenOptions::fd the address must be empty"))
+            }
+            Some(n) if n < 0 => return Err(bad("ListenOptions::fd is negative")),
+            Some(n) => Endpoint::Fd(n),
+            None => Endpoint::parse(addr)?,
+        };
+        let mode = self.readable_all || self.writable_all;
+        match &endpoint {
+            Endpoint::Fd(_) if self.exclusive || self.reuse_port => Err(bad(
+                "ListenOptions::fd names the primary's socket; exclusive and reuse_port bind the worker's own",
+            )),
+            Endpoint::Fd(_) if self.ipv6_only || mode => Err(bad(
+                "ipv6_only and the file mode do not apply to a socket the primary offered",
+            )),
+            Endpoint::Unix(_) if self.ipv6_only || self.reuse_port => {
+                Err(bad("ipv6_only and reuse_port do not apply to a Unix socket path"))
+            }
+            Endpoint::Tcp(..) if mode => Err(bad(
+                "readable_all and writable_all apply to a Unix socket path only",
+            )),
+            Endpoint::Tcp(Some(std::net::IpAddr::V4(_)), _) if self.ipv6_only => {
+                Err(bad("ipv6_only needs an IPv6 address or a port alone"))
+            }
+            _ => Ok(endpoint),
+        }
+    }
+}
 
 /// The worker's side of one listener.
 #[derive(Debug)]
@@ -30,6 +197,12 @@ pub(super) struct ListenerState {
     pub(super) index: u32,
     /// Shared policy: the listening socket, until the worker disconnects.
     pub(super) shared: Option<OwnedFd>,
+    /// Bound by this worker itself (`exclusive`, `reuse_port`): the
+    /// primary has no handle for it.
+    pub(super) own: bool,
+    /// The socket file of an own Unix listener, removed when it closes.
+    #[allow(dead_code)] // held for its Drop
+    pub(super) unix_file: Option<UnixFile>,
     /// Whether `shared` is in the worker's epoll now.
     pub(super) in_epoll: bool,
     /// Set while a shared listener rests after `accept` failed for want of
@@ -86,7 +259,8 @@ impl Listener {
     }
 
     /// The address the primary bound, with port 0 resolved; for a Unix
-    /// socket, its path.
+    /// socket, its path. A Unix path longer than a `sockaddr_un` holds
+    /// (bound through its directory) has no such address: `InvalidInput`.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         let (address, unix) = self.with(|l| (l.address.clone(), l.unix))?;
         if unix {

@@ -33,7 +33,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub use self::addr::SocketAddr;
-pub use self::listener::{Incoming, Listener};
+pub use self::listener::{Incoming, ListenOptions, Listener};
 pub use self::stream::Stream;
 pub use crate::readiness::{Interest, Readiness};
 
@@ -280,10 +280,16 @@ impl Worker {
 
     /// Listens through the primary (≈ `server.listen` in a worker) on
     /// `"host:port"`, `"[v6]:port"`, a port alone (every address), or a
-    /// Unix socket path (anything with a `/`). Blocks for the primary's
-    /// answer; a bind error comes back here, naming the address, and the
-    /// worker may go on. Port 0 picks a port, the same for every worker's
-    /// k-th `listen` of that address.
+    /// Unix socket path: anything with a `/`, or a word with no `:` that
+    /// is not a number (`app.sock`), as Node reads it. A relative path is
+    /// resolved against this worker's current directory and normalized
+    /// (`.`, `..`, `//`), so two spellings of one file share one socket; a
+    /// path longer than a `sockaddr_un` holds still binds when its file
+    /// name is short (the primary binds it through its directory), else
+    /// the error is `InvalidInput`. Blocks for the primary's answer; a bind
+    /// error comes back here, naming the address, and the worker may go
+    /// on. Port 0 picks a port, the same for every worker's k-th `listen`
+    /// of that address.
     ///
     /// ```no_run
     /// # fn main() -> std::io::Result<()> {
@@ -298,17 +304,79 @@ impl Worker {
     /// # }
     /// ```
     pub fn listen(&self, addr: &str) -> io::Result<Listener> {
-        self.listen_with_backlog(addr, 0)
+        self.listen_with(addr, &ListenOptions::new())
     }
 
-    /// [`Worker::listen`] with a `listen(2)` backlog (0: the primary's default, 511).
+    /// [`Worker::listen`] with a `listen(2)` backlog (0: the primary's
+    /// default, 511); the same as `listen_with(addr, &ListenOptions::new().backlog(backlog))`.
     pub fn listen_with_backlog(&self, addr: &str, backlog: u32) -> io::Result<Listener> {
-        let idx = self.inner.borrow_mut().listen(addr, backlog)?;
+        self.listen_with(addr, &ListenOptions::new().backlog(backlog))
+    }
+
+    /// [`Worker::listen`] with options (Node's `server.listen(options)`):
+    /// backlog, `IPV6_V6ONLY`, a socket of the worker's own (`exclusive`,
+    /// `reuse_port`), the Unix socket file's mode, or a socket the primary
+    /// offered (`fd`, with an empty `addr`). See [`ListenOptions`].
+    pub fn listen_with(&self, addr: &str, opts: &ListenOptions) -> io::Result<Listener> {
+        let idx = self.inner.borrow_mut().listen(addr, opts)?;
         Ok(Listener {
             inner: self.inner.clone(),
             epoll: self.epoll.clone(),
             idx,
         })
+    }
+
+    /// A UDP socket shared through the primary (≈ `dgram` `socket.bind()`
+    /// in a worker, which is always a shared handle): the primary binds
+    /// `addr` (`"host:port"`, `"[v6]:port"`, a port alone for `[::]`
+    /// dual-stack) once, and every worker asking for it gets the same
+    /// socket, so each datagram reaches exactly one of them. Port 0 picks a
+    /// port, the same for every worker's k-th `bind_udp` of that address.
+    /// The primary reports `Listening` with an
+    /// [`Address::Udp`](crate::primary::Address::Udp). Its
+    /// [`ListenRules`](crate::primary::ListenRules) TCP rules decide the UDP
+    /// ports too, and each socket counts toward
+    /// [`Settings::max_worker_handles`](crate::Settings::max_worker_handles).
+    ///
+    /// It is one socket: its options and `O_NONBLOCK` (`set_nonblocking`,
+    /// `set_read_timeout`) are shared with every worker holding it. A
+    /// `UdpSocket` cannot tell the primary when it is dropped: the primary
+    /// keeps the socket bound for this worker until the worker disconnects
+    /// or exits, and another `bind_udp` of the same address in this worker
+    /// asks for the next index (another socket, as in Node after a bind
+    /// that was not closed).
+    ///
+    /// ```no_run
+    /// # fn main() -> std::io::Result<()> {
+    /// let worker = syncluster::Worker::from_env()?.expect("run by a primary");
+    /// let socket = worker.bind_udp("127.0.0.1:5353")?;
+    /// let mut buf = [0u8; 1500];
+    /// let (n, peer) = socket.recv_from(&mut buf)?;
+    /// socket.send_to(&buf[..n], peer)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn bind_udp(&self, addr: &str) -> io::Result<std::net::UdpSocket> {
+        self.inner.borrow_mut().bind_udp(addr)
+    }
+
+    /// Takes the fd the primary put at number `target` in this worker
+    /// ([`Settings::map_fd`](crate::Settings::map_fd), Node's `stdio[4]`
+    /// and up), close-on-exec. The worker adopts every such fd when it
+    /// starts, so its number cannot have been reused since. `NotFound` if
+    /// the primary mapped no fd there, `AlreadyExists` the second time.
+    ///
+    /// ```no_run
+    /// # fn main() -> std::io::Result<()> {
+    /// use std::io::Write;
+    /// let worker = syncluster::Worker::from_env()?.expect("run by a primary");
+    /// let mut log = std::fs::File::from(worker.take_fd(4)?);
+    /// writeln!(log, "worker {} started", worker.id())?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn take_fd(&self, target: i32) -> io::Result<OwnedFd> {
+        self.inner.borrow_mut().take_fd(target)
     }
 
     /// Registers an fd of the program's own (an open connection, a pipe)
