@@ -115,7 +115,7 @@ use crate::signal::Signal;
 use crate::sys::{epoll, signal};
 
 /// Signals the primary turns into events instead of dying of them.
-pub const SIGNALS: [i32; 8] = [
+pub(crate) const SIGNALS: [i32; 8] = [
     signal::SIGCHLD,
     signal::SIGTERM,
     signal::SIGINT,
@@ -402,8 +402,9 @@ pub struct Primary {
 }
 
 impl Primary {
-    /// Creates the primary: blocks [`SIGNALS`] in this thread and reads them
-    /// from a signalfd. Create it before starting any thread, so that no
+    /// Creates the primary: blocks SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT,
+    /// SIGTTIN, SIGTTOU and SIGUSR2 in this thread and reads them from a
+    /// signalfd (all but SIGCHLD come out as [`Event::Signal`]). Create it before starting any thread, so that no
     /// other thread takes those signals (worker exits are seen through
     /// pidfds anyway; see the module docs). Dropping the `Primary` puts the
     /// signal mask back.
@@ -551,7 +552,7 @@ impl Drop for Primary {
 
 /// Reads `SYNCLUSTER_SCHED_POLICY`: unset gives `None`; `rr` or `none`
 /// give the policy; anything else is an `InvalidInput` error naming it.
-pub fn policy_from_env() -> io::Result<Option<Policy>> {
+pub(crate) fn policy_from_env() -> io::Result<Option<Policy>> {
     match std::env::var_os(ENV_SCHED_POLICY) {
         None => Ok(None),
         Some(v) => match v.to_str().and_then(Policy::parse) {
@@ -573,7 +574,7 @@ pub fn policy_from_env() -> io::Result<Option<Policy>> {
 
 /// Reads `SYNCLUSTER_RR_WINDOW`: unset gives `None`; 1 to 253 give the
 /// window; anything else is an `InvalidInput` error naming it.
-pub fn window_from_env() -> io::Result<Option<usize>> {
+pub(crate) fn window_from_env() -> io::Result<Option<usize>> {
     match std::env::var_os(ENV_RR_WINDOW) {
         None => Ok(None),
         Some(v) => v
