@@ -310,9 +310,21 @@ fn sigterm_under_load_completes_accepted_requests_and_exits_0() {
 
 #[test]
 fn sighup_three_times_under_load_fails_no_request() {
+    sighup_three_times(false);
+}
+
+/// Keep-alive: a retiring worker answers a busy connection's next request
+/// with `Connection: close` and closes idle ones only after a grace, so no
+/// client meets the idle-close race (nginx's reload has it).
+#[test]
+fn sighup_three_times_under_keep_alive_load_fails_no_request() {
+    sighup_three_times(true);
+}
+
+fn sighup_three_times(keep_alive: bool) {
     let mut hello = Hello::start(&["--workers", "2"]);
     let first = hello.wait_workers(2, START);
-    let load = Load::start(hello.port, 8, false, Duration::from_secs(12));
+    let load = Load::start(hello.port, 8, keep_alive, Duration::from_secs(12));
     thread::sleep(Duration::from_millis(300));
     for i in 1..=3 {
         // One at a time: a SIGHUP during a reload is ignored, and two

@@ -57,6 +57,10 @@ fn inject_fault(worker: &Worker) {
     }
 }
 
+/// How long a stopping worker leaves an idle keep-alive connection open
+/// for the client's next request (answered with `Connection: close`);
+/// at most the read timeout.
+const DRAIN_GRACE: Duration = Duration::from_millis(1000);
 /// Largest request head (request line and headers).
 const MAX_HEAD: usize = 8 * 1024;
 /// Most unparsed input a connection buffers; it stops being read when full.
@@ -196,6 +200,10 @@ impl<'w> Server<'w> {
         if !keep {
             return self.close(token);
         }
+        if draining && conn.is_idle() {
+            // Idle while stopping: closed after the grace (see `drain`).
+            conn.deadline = conn.deadline.min(Instant::now() + DRAIN_GRACE.min(timeout));
+        }
         // Deadlines only move later (the heap catches up lazily), except
         // when lingering starts: that one needs an entry of its own.
         if conn.deadline < conn.timer {
@@ -228,19 +236,26 @@ impl<'w> Server<'w> {
         None
     }
 
-    /// The primary asked us to stop: no new connections come; close the
-    /// idle ones and let the busy ones finish.
+    /// The primary asked us to stop: no new connections come. Busy
+    /// connections finish; each next answer says `Connection: close`. An
+    /// idle keep-alive connection is closed only once it has been idle for
+    /// `DRAIN_GRACE`: closing one that was just used races the client's
+    /// next request (it would meet a FIN or a RST instead of an answer,
+    /// RFC 9112 §9.3.1), so a recent one is left the time to send it and
+    /// get it answered, with `Connection: close`.
     fn drain(&mut self) {
         self.draining = true;
-        let idle: Vec<u64> = self
-            .slots
-            .iter()
-            .flatten()
-            .filter(|c| c.is_idle())
-            .map(|c| c.token)
-            .collect();
-        for token in idle {
-            self.close(token);
+        let grace = DRAIN_GRACE.min(self.timeout);
+        for conn in self.slots.iter_mut().flatten() {
+            if conn.is_idle() {
+                // `deadline` is the last activity plus the read timeout.
+                let at = conn.deadline - self.timeout + grace;
+                if at < conn.deadline {
+                    conn.deadline = at;
+                    conn.timer = at;
+                    self.timers.push(Reverse((at, conn.token)));
+                }
+            }
         }
     }
 
@@ -374,7 +389,7 @@ impl Conn {
         }
         let flushed = self.output.is_empty();
         match self.phase {
-            Phase::Open if flushed && (self.eof || (draining && self.is_idle())) => return false,
+            Phase::Open if flushed && self.eof => return false,
             Phase::Closing if flushed => {
                 if self.eof || self.stream_shutdown().is_err() {
                     return false;
