@@ -60,12 +60,30 @@ pub enum Endpoint {
     Tcp(Option<IpAddr>, u16),
     /// A Unix socket path, absolute.
     Unix(PathBuf),
+    /// `fd:NAME`: the socket the primary inherited under this name
+    /// (systemd's `FileDescriptorName=`, kept across a binary upgrade). It
+    /// is never bound: a name nothing was inherited under is an error.
+    Name(String),
+}
+
+/// The longest fd name systemd accepts (`FileDescriptorName=`).
+pub const MAX_FD_NAME: usize = 255;
+
+/// A valid fd name, as systemd's `fdname_is_valid`: 1 to 255 printable
+/// ASCII characters, no `:` (the separator of `LISTEN_FDNAMES`).
+pub fn valid_fd_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_FD_NAME
+        && name
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b':')
 }
 
 impl Endpoint {
-    /// Parses `"host:port"`, `"[v6]:port"`, `"port"`, `":port"` or a path
-    /// (anything with a `/`). A relative path is taken from the current
-    /// directory, as Node resolves it in the worker.
+    /// Parses `"host:port"`, `"[v6]:port"`, `"port"`, `":port"`,
+    /// `"fd:NAME"` (an inherited socket by name) or a path (anything else
+    /// with a `/`). A relative path is taken from the current directory, as
+    /// Node resolves it in the worker.
     pub fn parse(s: &str) -> io::Result<Endpoint> {
         let bad = |why: &str| {
             io::Error::new(
@@ -73,6 +91,14 @@ impl Endpoint {
                 format!("bad listen address {s:?}: {why}"),
             )
         };
+        if let Some(name) = s.strip_prefix("fd:") {
+            if !valid_fd_name(name) {
+                return Err(bad(
+                    "an fd name is 1 to 255 printable ASCII characters without ':'",
+                ));
+            }
+            return Ok(Endpoint::Name(name.to_string()));
+        }
         if s.contains('/') {
             let p = PathBuf::from(s);
             let p = if p.is_absolute() {
@@ -119,6 +145,7 @@ impl Endpoint {
             Endpoint::Tcp(Some(IpAddr::V6(ip)), port) => format!("{ip}:{port}:6"),
             Endpoint::Tcp(None, port) => format!(":{port}:"),
             Endpoint::Unix(p) => format!("{}:-1:unix", p.display()),
+            Endpoint::Name(n) => format!("fd:{n}"),
         }
     }
 
@@ -157,7 +184,8 @@ fn take_u32(buf: &mut &[u8]) -> io::Result<u32> {
 }
 
 impl Query {
-    /// Encodes: tag u8 (0 ip, 1 any, 2 unix), index u32, backlog u32, port u16, text.
+    /// Encodes: tag u8 (0 ip, 1 any, 2 unix, 3 name), index u32, backlog
+    /// u32, port u16, text.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32);
         let (tag, port, text) = match &self.endpoint {
@@ -167,6 +195,7 @@ impl Query {
                 use std::os::unix::ffi::OsStrExt;
                 (2u8, 0, p.as_os_str().as_bytes().to_vec())
             }
+            Endpoint::Name(n) => (3u8, 0, n.clone().into_bytes()),
         };
         out.push(tag);
         out.extend_from_slice(&self.index.to_le_bytes());
@@ -208,6 +237,13 @@ impl Query {
                     return Err(bad("path is not absolute"));
                 }
                 Endpoint::Unix(PathBuf::from(std::ffi::OsStr::from_bytes(buf)))
+            }
+            3 => {
+                let s = std::str::from_utf8(buf).map_err(|_| bad("fd name is not UTF-8"))?;
+                if !valid_fd_name(s) {
+                    return Err(bad("not a valid fd name"));
+                }
+                Endpoint::Name(s.to_string())
             }
             _ => return Err(bad("unknown endpoint tag")),
         };
@@ -313,7 +349,24 @@ mod tests {
             Endpoint::parse("/tmp/x.sock").unwrap(),
             Endpoint::Unix("/tmp/x.sock".into())
         );
-        for bad in ["", "host", "1.2.3.4:70000", "nope:1", "1.2.3.4:"] {
+        assert_eq!(
+            Endpoint::parse("fd:http").unwrap(),
+            Endpoint::Name("http".into())
+        );
+        assert_eq!(
+            Endpoint::parse("fd:a/b").unwrap(),
+            Endpoint::Name("a/b".into())
+        );
+        for bad in [
+            "",
+            "host",
+            "1.2.3.4:70000",
+            "nope:1",
+            "1.2.3.4:",
+            "fd:",
+            "fd:a:b",
+            "fd:\u{7f}",
+        ] {
             assert!(Endpoint::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }
@@ -324,6 +377,7 @@ mod tests {
             Endpoint::Tcp(None, 0),
             Endpoint::Tcp(Some("::1".parse().unwrap()), 443),
             Endpoint::Unix("/run/a.sock".into()),
+            Endpoint::Name("web".into()),
         ] {
             let q = Query {
                 endpoint: ep,
@@ -336,6 +390,8 @@ mod tests {
         assert!(Query::decode(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
         assert!(Query::decode(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'x']).is_err());
         assert!(Query::decode(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'x']).is_err());
+        assert!(Query::decode(&[3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+        assert!(Query::decode(&[3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b':']).is_err());
     }
 
     #[test]

@@ -114,6 +114,15 @@ pub(super) fn bind(
                 socket::local_addr(fd.as_fd()).map_err(|e| named_error(e, &v6.to_string()))?;
             Ok((fd, Address::Tcp(real), None))
         }
+        // Only inherited sockets have names; `Primary::listen` and the
+        // worker queries look those up before they bind.
+        Endpoint::Name(n) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            Named {
+                errno: Some(2), // ENOENT
+                text: format!("listen on fd:{n}: no socket was inherited under that name"),
+            },
+        )),
         Endpoint::Unix(path) => {
             let what = path.display().to_string();
             let (parent, name) = split_unix_path(path).map_err(|e| named_error(e, &what))?;
@@ -170,6 +179,8 @@ pub(super) struct UnixFile {
     dir: OwnedFd,
     name: OsString,
     file: fs::Stat,
+    /// False once handed to a successor (a binary upgrade): never removed.
+    ours: bool,
 }
 
 impl UnixFile {
@@ -201,7 +212,12 @@ impl UnixFile {
                 },
             ));
         }
-        Ok(UnixFile { dir, name, file })
+        Ok(UnixFile {
+            dir,
+            name,
+            file,
+            ours: true,
+        })
     }
 
     /// Removes the file if its directory entry is still the socket bound:
@@ -221,9 +237,19 @@ impl UnixFile {
     }
 }
 
+impl UnixFile {
+    /// Leaves the file in place: the socket now belongs to a new primary
+    /// (a binary upgrade), which serves on it.
+    pub(super) fn disown(mut self) {
+        self.ours = false;
+    }
+}
+
 impl Drop for UnixFile {
     fn drop(&mut self) {
-        let _ = self.remove();
+        if self.ours {
+            let _ = self.remove();
+        }
     }
 }
 

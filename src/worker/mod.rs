@@ -374,6 +374,13 @@ impl Worker {
                 return Err(e);
             }
         };
+        // An inherited socket (`fd:NAME`) is Unix unless the primary's
+        // address for it is an IP one.
+        let unix = match &q.endpoint {
+            Endpoint::Unix(_) => true,
+            Endpoint::Name(_) => address.parse::<std::net::SocketAddr>().is_err(),
+            _ => false,
+        };
         let idx = inner.listeners.len();
         if let Some(fd) = &shared {
             inner.epoll.add(
@@ -386,7 +393,7 @@ impl Worker {
             handle,
             policy,
             address,
-            unix: matches!(q.endpoint, Endpoint::Unix(_)),
+            unix,
             key,
             index,
             shared,
