@@ -72,7 +72,6 @@ pub mod primary;
 pub mod protocol;
 mod readiness;
 pub mod supervisor;
-#[allow(dead_code)] // wired into the primary by the deploy work
 mod systemd;
 pub mod worker;
 

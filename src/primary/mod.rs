@@ -481,8 +481,10 @@ impl Drop for Primary {
     /// found, in the calling thread. A signal that arrived since the last
     /// turn and was not read is then delivered with its own disposition,
     /// as if the primary had never blocked it. Workers are not touched: they
-    /// see their channel close and leave.
+    /// see their channel close and leave. A new primary whose upgrade is
+    /// still in progress is killed and reaped: nobody would retire for it.
     fn drop(&mut self) {
+        self.cancel_upgrade();
         self.handles.clear();
         let _ = signal::set_mask(&self.old_mask);
     }
