@@ -61,6 +61,8 @@ usage: hello [--workers N] [--host H] [--port P] [--policy rr|shared]
   --workers N     worker processes (default: the number of CPUs)
   --host H        address to listen on (default: 127.0.0.1)
   --port P        port, 0 for any free one (default: 8000)
+  --listen A      instead of --host/--port: fd:NAME for the socket inherited
+                  under that name (systemd's FileDescriptorName=)
   --policy P      rr: the primary accepts and hands connections out in turn;
                   shared: workers accept on a shared socket
                   (default: $SYNCLUSTER_SCHED_POLICY, else rr)
@@ -136,6 +138,8 @@ struct Options {
     read_timeout: Duration,
     hang_timeout: Option<Duration>,
     upgrade_timeout: Duration,
+    /// `--listen fd:NAME`, instead of host and port.
+    listen: Option<String>,
     pid_file: Option<PathBuf>,
     log: Option<PathBuf>,
     signals: StopSignals,
@@ -144,6 +148,9 @@ struct Options {
 impl Options {
     /// `host:port` as `Worker::listen` takes it; IPv6 needs brackets.
     fn listen_addr(&self) -> String {
+        if let Some(a) = &self.listen {
+            return a.clone();
+        }
         if self.host.contains(':') && !self.host.starts_with('[') {
             format!("[{}]:{}", self.host, self.port)
         } else {
@@ -162,6 +169,7 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
         read_timeout: read_timeout_from_env()?,
         hang_timeout: hang_timeout_from_env()?,
         upgrade_timeout: upgrade_timeout_from_env()?,
+        listen: None,
         pid_file: None,
         log: None,
         signals: StopSignals::Gunicorn,
@@ -206,6 +214,13 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
                         .ok_or_else(|| format!("--policy {v:?}: expected rr or shared"))?,
                 );
             }
+            "--listen" => {
+                let v = value()?;
+                if !v.starts_with("fd:") {
+                    return Err(format!("--listen {v:?}: expected fd:NAME"));
+                }
+                opts.listen = Some(v);
+            }
             "--pid-file" => opts.pid_file = Some(value()?.into()),
             "--log" => opts.log = Some(value()?.into()),
             "--signals" => {
@@ -220,7 +235,8 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
     }
     // Catch a bad host here, once, rather than in every worker.
     match Endpoint::parse(&opts.listen_addr()) {
-        Ok(Endpoint::Tcp(..)) => Ok(Some(opts)),
+        Ok(Endpoint::Tcp(..) | Endpoint::Name(_)) => Ok(Some(opts)),
+        Err(e) if opts.listen.is_some() => Err(format!("--listen: {e}")),
         _ => Err(format!(
             "--host {:?}: expected an IP address or localhost",
             opts.host
@@ -305,14 +321,14 @@ impl Log {
             .map_err(|e| io::Error::new(e.kind(), format!("log file {}: {e}", p.display())))
     }
 
+    /// One `write` per line (`eprintln!` makes several): after a binary
+    /// upgrade two primaries share stderr, and their lines stay whole.
     fn line(&mut self, line: &str) {
-        match &mut self.file {
-            // One write per line: O_APPEND keeps lines whole.
-            Some(f) => {
-                let _ = f.write_all(format!("{line}\n").as_bytes());
-            }
-            None => eprintln!("{line}"),
-        }
+        let bytes = format!("{line}\n").into_bytes();
+        let _ = match &mut self.file {
+            Some(f) => f.write_all(&bytes),
+            None => io::stderr().lock().write_all(&bytes),
+        };
     }
 
     /// SIGUSR1: the file at the path now (logrotate renamed the old one).

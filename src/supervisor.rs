@@ -916,7 +916,8 @@ impl Supervisor {
                         ),
                     }));
                 }
-                self.notify(&self.status());
+                // Nothing for systemd yet: the old primary's MAINPID= comes
+                // first, and a message before it would be from a stranger.
             } else {
                 self.notify(&format!("READY=1\n{}", self.status()));
             }
