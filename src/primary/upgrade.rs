@@ -350,13 +350,22 @@ impl Primary {
     ///
     /// `Err` and nothing running when it cannot start: an upgrade already in
     /// progress (`AlreadyExists`, naming its pid), more listening sockets
-    /// than one spawn passes, an exec that fails (the error names the path).
+    /// than one spawn passes, an exec that fails (the error names the path),
+    /// a primary that is PID 1 (`Unsupported`: its exit would end the
+    /// container).
     ///
     /// The new program gets no parent-death signal. `LISTEN_*` are not
     /// passed on (the sockets travel in `SYNCLUSTER_UPGRADE_FDS`, with their
     /// names); `NOTIFY_SOCKET` is, and `WATCHDOG_PID` names the new pid when
     /// the watchdog was this primary's.
     pub fn upgrade(&mut self, exec: Option<&Path>, timeout: Duration) -> io::Result<i32> {
+        if self.init {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "upgrade: this primary is PID 1, and its exit would end the container with \
+                 the new primary; run it under an init (tini, docker --init)",
+            ));
+        }
         if let Some(p) = &self.deploy.pending {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
