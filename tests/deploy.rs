@@ -148,6 +148,8 @@ impl Load {
                             }
                             Err(e) => failures.lock().unwrap().push(e),
                         }
+                        // Load, not a flood: fewer sockets left in TIME_WAIT.
+                        thread::sleep(Duration::from_millis(2));
                     }
                 })
             })
@@ -308,10 +310,33 @@ fn notify_socket_hears_ready_reloading_ready_mainpid_stopping_in_order() {
     let others = Others::new("notify");
     let mut h = Hello::start_env(
         &["--workers", "2"],
-        &[("NOTIFY_SOCKET", path.to_str().unwrap()), others.var()],
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+            others.var(),
+        ],
     );
     let ready = expect_notify(&rx, "READY=1", &h);
     assert!(ready.contains("STATUS=2 workers, 0 reloads"), "{ready:?}");
+
+    // WATCHDOG=1 every 100 ms while the loop turns, none while it cannot.
+    expect_notify(&rx, "WATCHDOG=1", &h);
+    h.signal("STOP");
+    thread::sleep(Duration::from_millis(50));
+    let mut buf = [0u8; 256];
+    while rx.recv(&mut buf).is_ok() {} // what was sent before the stop
+    let quiet_until = Instant::now() + Duration::from_millis(400);
+    while Instant::now() < quiet_until {
+        if let Ok(n) = rx.recv(&mut buf) {
+            h.signal("CONT");
+            panic!(
+                "{:?} from a stopped primary",
+                String::from_utf8_lossy(&buf[..n])
+            );
+        }
+    }
+    h.signal("CONT");
+    expect_notify(&rx, "WATCHDOG=1", &h);
     for w in h.wait_workers(2, START) {
         let env = environ(w);
         assert!(
@@ -346,21 +371,52 @@ fn notify_socket_hears_ready_reloading_ready_mainpid_stopping_in_order() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn usr2_upgrade_under_load_fails_no_request_and_hands_over_the_pid_file() {
-    let dir = scratch("upgrade");
+/// The inode of the socket listening on 127.0.0.1:`port` (`/proc/net/tcp`).
+fn listening_inode(port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A"))
+            .then(|| f.get(9).map(|s| s.to_string()))?
+    })
+}
+
+/// Whether `pid` holds the socket with this inode.
+fn holds_socket(pid: i32, inode: &str) -> bool {
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_str() == Some(&want)))
+        })
+        .unwrap_or(false)
+}
+
+fn upgrade_under_load(policy: &str) {
+    let dir = scratch(&format!("upgrade-{policy}"));
     let bin = hello_copy(&dir);
     let pid_file = dir.join("hello.pid");
     let oldbin = dir.join("hello.pid.oldbin");
-    let others = Others::new("upgrade");
+    let others = Others::new(&format!("upgrade-{policy}"));
     let mut cmd = Command::new(&bin);
-    cmd.args(["--workers", "2", "--port", "0", "--pid-file"])
-        .arg(&pid_file)
-        .env(others.var().0, others.var().1);
+    cmd.args([
+        "--workers",
+        "2",
+        "--port",
+        "0",
+        "--policy",
+        policy,
+        "--pid-file",
+    ])
+    .arg(&pid_file)
+    .env(others.var().0, others.var().1);
     let mut h = Hello::spawn(cmd);
     let old = h.pid();
     assert_eq!(read_pid(&pid_file), Some(old));
     let old_workers = h.wait_workers(2, START);
+    let socket = listening_inode(h.port).expect("the listening socket in /proc/net/tcp");
+    assert!(holds_socket(old, &socket));
 
     let load = Load::start(h.port, 4);
     assert!(until(START, || (load.ok() >= 50).then_some(())).is_some());
@@ -382,22 +438,40 @@ fn usr2_upgrade_under_load_fails_no_request_and_hands_over_the_pid_file() {
     for w in old_workers {
         assert!(!is_alive(w), "old worker {w} still runs");
     }
-    // Only the new primary's workers are left, and they serve.
+    // Only the new primary's workers are left, and they serve, on the very
+    // socket the old primary had (inherited, not bound anew); in shared
+    // mode the workers hold it too.
     let served_before = load.ok();
     assert!(until(START, || (load.ok() >= served_before + 100).then_some(())).is_some());
-    assert_eq!(children_of(new).len(), 2, "{:?}", children_of(new));
+    let new_workers = children_of(new);
+    assert_eq!(new_workers.len(), 2, "{new_workers:?}");
+    assert_eq!(listening_inode(h.port).as_ref(), Some(&socket));
+    assert!(holds_socket(new, &socket));
+    for w in new_workers {
+        assert_eq!(holds_socket(w, &socket), policy == "shared", "{policy}");
+    }
     let (ok, failures) = load.finish();
     assert!(
         failures.is_empty(),
         "{} failed of {ok}: {failures:?}",
         failures.len()
     );
-    eprintln!("upgrade under load: {ok} requests, 0 failed, took over in {took:?}");
+    eprintln!("upgrade under load ({policy}): {ok} requests, 0 failed, took over in {took:?}");
 
     signal(new, "TERM");
     assert!(until(EXIT, || (!is_alive(new)).then_some(())).is_some());
     assert!(!pid_file.exists(), "the pid file outlived its primary");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn usr2_upgrade_under_load_fails_no_request_and_hands_over_socket_and_pid_file_rr() {
+    upgrade_under_load("rr");
+}
+
+#[test]
+fn usr2_upgrade_under_load_fails_no_request_and_hands_over_socket_and_pid_file_shared() {
+    upgrade_under_load("shared");
 }
 
 #[test]

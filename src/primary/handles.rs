@@ -201,6 +201,10 @@ impl Primary {
                 ))
             }
         };
+        if let Some(hid) = prebound {
+            self.fit_policy(hid);
+        }
+        let slot = self.workers.get(&id).ok_or_else(|| Self::gone(id))?;
         let existing = prebound.or_else(|| self.keys.get(&key).copied());
         let held = existing.filter(|hid| slot.grants.iter().any(|g| g.hid == *hid));
         let cap = self.settings.max_worker_handles;
@@ -402,7 +406,9 @@ impl Primary {
 impl Primary {
     /// Listens on `addr` in the primary, before any worker needs it, so
     /// that a bad address or a port in use is an error now, at startup,
-    /// rather than a worker that fails to listen (and is respawned).
+    /// rather than a worker that fails to listen (and is respawned). The
+    /// socket has the settings' backlog, and their policy as it is when the
+    /// first worker joins it.
     ///
     /// `addr` is what a worker's `listen` takes. A socket this process
     /// inherited (socket activation, a binary upgrade) that matches it is
@@ -443,7 +449,23 @@ impl Primary {
             }
         };
         self.pin(hid);
+        self.fit_policy(hid);
         Ok(self.handles[&hid].address.clone())
+    }
+
+    // A program's socket nobody uses yet takes the policy the settings
+    // have now: one adopted in `new` got the policy of that moment.
+    fn fit_policy(&mut self, hid: u32) {
+        let want = self.settings.policy;
+        let Some(h) = self.handles.get_mut(&hid) else {
+            return;
+        };
+        if h.pinned && h.policy != want && h.workers.is_empty() && h.queue.is_empty() {
+            self.set_polling(hid, false);
+            if let Some(h) = self.handles.get_mut(&hid) {
+                h.policy = want;
+            }
+        }
     }
 
     /// Closes a socket of [`Primary::listen`] (or an inherited one): the
@@ -505,5 +527,75 @@ impl Primary {
                 _ => false,
             })
             .map(|(&hid, _)| hid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Settings;
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn a_prebound_socket_is_found_by_key_address_or_name_and_stays() {
+        let mut p = Primary::new(Settings::default()).unwrap();
+        let addr = p.listen("127.0.0.1:0").unwrap();
+        let Address::Tcp(sa) = addr.clone() else {
+            panic!("{addr:?}")
+        };
+        assert_ne!(sa.port(), 0);
+        // Listening again is the same socket; a busy port is refused, named.
+        assert_eq!(p.listen("127.0.0.1:0").unwrap(), addr);
+        assert_eq!(p.listen(&sa.to_string()).unwrap(), addr);
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = held.local_addr().unwrap().to_string();
+        let e = p.listen(&busy).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(e.to_string().contains(&format!("listen on {busy}")), "{e}");
+        let hid = p.keys["127.0.0.1:0:4:0"];
+        // A worker's port 0 on that host: the key. Its real port: the
+        // address. Another host, a second listen, an unknown name: no.
+        let find = |p: &Primary, ep: Endpoint, index: u32| {
+            let key = format!("{}:{index}", ep.key());
+            p.find_prebound(&key, &ep, index)
+        };
+        assert_eq!(find(&p, Endpoint::Tcp(Some(LOCAL), 0), 0), Some(hid));
+        assert_eq!(
+            find(&p, Endpoint::Tcp(Some(LOCAL), sa.port()), 0),
+            Some(hid)
+        );
+        assert_eq!(find(&p, Endpoint::Tcp(Some(LOCAL), sa.port()), 1), None);
+        assert_eq!(find(&p, Endpoint::Tcp(None, sa.port()), 0), None);
+        assert_eq!(find(&p, Endpoint::Name("web".into()), 0), None);
+        p.handles.get_mut(&hid).unwrap().name = Some("web".into());
+        assert_eq!(find(&p, Endpoint::Name("web".into()), 0), Some(hid));
+        // Its last worker leaving does not close it; the program does.
+        p.leave_handle(7, hid);
+        p.orphan_or_leave(7, hid);
+        assert!(p.handles.contains_key(&hid));
+        assert!(!p.handles[&hid].polling);
+        p.close_listener(&addr).unwrap();
+        assert!(p.handles.is_empty());
+        assert_eq!(
+            p.close_listener(&addr).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        let e = p.listen("fd:nope").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("fd:nope"), "{e}");
+    }
+
+    #[test]
+    fn an_unused_prebound_socket_takes_the_policy_of_the_settings() {
+        let mut p = Primary::new(Settings::default()).unwrap();
+        p.listen("127.0.0.1:0").unwrap();
+        let hid = p.keys["127.0.0.1:0:4:0"];
+        assert_eq!(p.handles[&hid].policy, Policy::RoundRobin);
+        p.settings_mut().policy = Policy::Shared;
+        p.listen("127.0.0.1:0").unwrap();
+        assert_eq!(p.handles[&hid].policy, Policy::Shared);
+        assert!(!p.handles[&hid].polling);
     }
 }
