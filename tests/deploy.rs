@@ -534,3 +534,51 @@ fn a_failed_upgrade_keeps_serving_restores_the_pid_file_and_refuses_a_second_usr
     assert!(!pid_file.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn usr1_reopens_the_log_file_and_leaves_workers_alone() {
+    let dir = scratch("log");
+    let log = dir.join("hello.log");
+    let others = Others::new("log");
+    let mut cmd = Command::new(hello::hello_bin());
+    cmd.args(["--workers", "2", "--port", "0", "--log"])
+        .arg(&log)
+        .env(others.var().0, others.var().1);
+    let mut h = Hello::spawn(cmd);
+    let workers = h.wait_workers(2, START);
+    let text = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert!(text(&log).starts_with("primary pid "), "{:?}", text(&log));
+    assert!(!h.stderr().contains("primary pid"), "{}", h.stderr());
+    // logrotate moves the file away, then signals.
+    let rotated = dir.join("hello.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    h.signal("USR1");
+    assert!(until(START, || text(&log).contains("log reopened").then_some(())).is_some());
+    assert!(text(&rotated).starts_with("primary pid "));
+    assert!(!text(&rotated).contains("log reopened"));
+    for w in workers {
+        assert!(is_alive(w), "worker {w} died of SIGUSR1");
+    }
+    assert_hello(&request(h.port, GET_CLOSE));
+    h.stop();
+    assert!(
+        text(&log).contains("stopping gracefully"),
+        "{:?}",
+        text(&log)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn nginx_signals_make_quit_graceful_and_term_immediate() {
+    let (graceful, now) = ("stopping gracefully", "stopping now");
+    for (sig, how, not) in [("QUIT", graceful, now), ("TERM", now, graceful)] {
+        let mut h = Hello::start(&["--workers", "2", "--signals", "nginx"]);
+        h.wait_workers(2, START);
+        h.signal(sig);
+        let status = h.wait_exit(EXIT);
+        assert!(status.is_some(), "{sig}: no exit; {}", h.stderr());
+        h.wait_stderr(how, 1);
+        assert!(!h.stderr().contains(not), "{sig}: {}", h.stderr());
+    }
+}
