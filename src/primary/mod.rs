@@ -47,7 +47,10 @@
 //!   [`Settings::gid`] is set, then [`ListenRules::unprivileged`]: no port
 //!   below 1024, no Unix path outside listed directories. A denied request
 //!   fails the worker's `listen()` with `PermissionDenied` naming the
-//!   address; the worker is not killed.
+//!   address; the worker is not killed. The program's own sockets
+//!   ([`Primary::listen`], inherited ones) are offered whatever the rules:
+//!   binding port 80 in the primary for unprivileged workers is what they
+//!   are for. A worker gets them, never anything more.
 //! - **Unix socket files** are removed through the directory fd kept since
 //!   bind, and only while the entry is still the socket bound (same device
 //!   and inode): never a file a worker swapped in, never through a symlink

@@ -26,6 +26,11 @@
 //!    ready within the timeout, the old primary kills it, reaps it and
 //!    reports [`Event::UpgradeFailed`]; it never stopped serving.
 //!
+//! A Unix socket's file stays where it is: the old primary leaves it to the
+//! new one, and a primary never removes the file of a socket it inherited
+//! (it cannot tell that the file is still the one its socket was bound to),
+//! so it remains after the last primary ends, as systemd's do.
+//!
 //! `SYNCLUSTER_UPGRADE_FDS` is a space-separated list of `FD=KEY=NAME`:
 //! the fd number, the handle key workers match (`127.0.0.1:8000:4:0`), and
 //! the systemd name if any; `%`, `=`, space and bytes outside printable
