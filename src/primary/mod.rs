@@ -165,7 +165,7 @@ pub enum Stdio {
 pub struct Settings {
     /// Program to exec; `None` means the running executable (`/proc/self/exe`).
     pub exec: Option<PathBuf>,
-    /// Arguments after argv[0]; `None` means the primary's own.
+    /// Arguments after `argv[0]`; `None` means the primary's own.
     pub args: Option<Vec<OsString>>,
     /// Extra environment for every worker.
     pub env: Vec<(OsString, OsString)>,
