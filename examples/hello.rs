@@ -62,7 +62,8 @@ usage: hello [--workers N] [--host H] [--port P] [--policy rr|shared]
   --host H        address to listen on (default: 127.0.0.1)
   --port P        port, 0 for any free one (default: 8000)
   --listen A      instead of --host/--port: fd:NAME for the socket inherited
-                  under that name (systemd's FileDescriptorName=)
+                  under that name (systemd's FileDescriptorName=); with none
+                  of the three, the one socket systemd passed, if it did
   --policy P      rr: the primary accepts and hands connections out in turn;
                   shared: workers accept on a shared socket
                   (default: $SYNCLUSTER_SCHED_POLICY, else rr)
@@ -138,8 +139,11 @@ struct Options {
     read_timeout: Duration,
     hang_timeout: Option<Duration>,
     upgrade_timeout: Duration,
-    /// `--listen fd:NAME`, instead of host and port.
+    /// `--listen fd:NAME`, instead of host and port; in a worker, also the
+    /// socket its primary chose (`HELLO_LISTEN`).
     listen: Option<String>,
+    /// `--host`, `--port` or `--listen` was given.
+    addr_given: bool,
     pid_file: Option<PathBuf>,
     log: Option<PathBuf>,
     signals: StopSignals,
@@ -169,7 +173,10 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
         read_timeout: read_timeout_from_env()?,
         hang_timeout: hang_timeout_from_env()?,
         upgrade_timeout: upgrade_timeout_from_env()?,
-        listen: None,
+        // Set by the primary for its workers when it took the one socket
+        // it inherited (socket activation without --host/--port).
+        listen: std::env::var("HELLO_LISTEN").ok(),
+        addr_given: false,
         pid_file: None,
         log: None,
         signals: StopSignals::Gunicorn,
@@ -200,12 +207,16 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
                     .filter(|&n| n > 0)
                     .ok_or_else(|| format!("--workers {v:?}: expected a number above 0"))?;
             }
-            "--host" => opts.host = value()?,
+            "--host" => {
+                opts.host = value()?;
+                opts.addr_given = true;
+            }
             "--port" => {
                 let v = value()?;
                 opts.port = v
                     .parse()
                     .map_err(|_| format!("--port {v:?}: expected 0..65535"))?;
+                opts.addr_given = true;
             }
             "--policy" => {
                 let v = value()?;
@@ -220,6 +231,7 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
                     return Err(format!("--listen {v:?}: expected fd:NAME"));
                 }
                 opts.listen = Some(v);
+                opts.addr_given = true;
             }
             "--pid-file" => opts.pid_file = Some(value()?.into()),
             "--log" => opts.log = Some(value()?.into()),
@@ -362,8 +374,18 @@ impl Cluster {
         }
         let mut log = Log::open(opts.log.clone())?;
         // Bound here, before any fork: a port in use ends hello now, with
-        // exit 1. An inherited socket (systemd, an upgrade) is taken as is.
-        primary.listen(&opts.listen_addr())?;
+        // exit 1. An inherited socket (systemd, an upgrade) is taken as is;
+        // with no address given, the one socket systemd passed is it, and
+        // the workers are told.
+        let mut addr = opts.listen_addr();
+        if let ([inherited], false) = (&primary.listening_addresses()[..], opts.addr_given) {
+            addr = inherited.to_string();
+            primary
+                .settings_mut()
+                .env
+                .push(("HELLO_LISTEN".into(), addr.clone().into()));
+        }
+        primary.listen(&addr)?;
         let me = std::process::id();
         match primary.upgraded_from() {
             Some(old) => log.line(&format!(

@@ -217,7 +217,7 @@ fn a_port_in_use_fails_at_startup_with_exit_1_within_a_second() {
 }
 
 #[test]
-fn socket_activation_serves_on_the_passed_socket_by_address_and_by_name() {
+fn socket_activation_serves_on_the_passed_socket_by_address_by_name_or_alone() {
     let tool = "systemd-socket-activate";
     let found = Command::new(tool).arg("--version").output();
     assert!(
@@ -226,7 +226,9 @@ fn socket_activation_serves_on_the_passed_socket_by_address_and_by_name() {
     );
     // The tool takes no port 0: a free port, probed and released.
     let others = Others::new("activation");
-    for how in ["address", "name"] {
+    // By address (--port), by name (--listen fd:web), and with neither: the
+    // one socket passed.
+    for how in ["address", "name", "alone"] {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -239,7 +241,8 @@ fn socket_activation_serves_on_the_passed_socket_by_address_and_by_name() {
             .env(others.var().0, others.var().1);
         match how {
             "address" => cmd.args(["--port", &port.to_string()]),
-            _ => cmd.args(["--listen", "fd:web"]),
+            "name" => cmd.args(["--listen", "fd:web"]),
+            _ => &mut cmd,
         };
         let mut h = Hello::launch(cmd);
         // It execs hello at the first connection: that connection waits in
