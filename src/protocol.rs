@@ -145,7 +145,7 @@ impl Endpoint {
             Endpoint::Tcp(Some(IpAddr::V6(ip)), port) => format!("{ip}:{port}:6"),
             Endpoint::Tcp(None, port) => format!(":{port}:"),
             Endpoint::Unix(p) => format!("{}:-1:unix", p.display()),
-            Endpoint::Name(n) => format!("fd:{n}"),
+            Endpoint::Name(n) => format!("fdname:{n}"),
         }
     }
 
@@ -184,7 +184,7 @@ fn take_u32(buf: &mut &[u8]) -> io::Result<u32> {
 }
 
 impl Query {
-    /// Encodes: tag u8 (0 ip, 1 any, 2 unix, 3 name), index u32, backlog
+    /// Encodes: tag u8 (0 ip, 1 any, 2 unix, 4 name), index u32, backlog
     /// u32, port u16, text.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32);
@@ -195,7 +195,7 @@ impl Query {
                 use std::os::unix::ffi::OsStrExt;
                 (2u8, 0, p.as_os_str().as_bytes().to_vec())
             }
-            Endpoint::Name(n) => (3u8, 0, n.clone().into_bytes()),
+            Endpoint::Name(n) => (4u8, 0, n.clone().into_bytes()),
         };
         out.push(tag);
         out.extend_from_slice(&self.index.to_le_bytes());
@@ -238,7 +238,7 @@ impl Query {
                 }
                 Endpoint::Unix(PathBuf::from(std::ffi::OsStr::from_bytes(buf)))
             }
-            3 => {
+            4 => {
                 let s = std::str::from_utf8(buf).map_err(|_| bad("fd name is not UTF-8"))?;
                 if !valid_fd_name(s) {
                     return Err(bad("not a valid fd name"));
@@ -390,8 +390,8 @@ mod tests {
         assert!(Query::decode(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
         assert!(Query::decode(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'x']).is_err());
         assert!(Query::decode(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'x']).is_err());
-        assert!(Query::decode(&[3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
-        assert!(Query::decode(&[3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b':']).is_err());
+        assert!(Query::decode(&[4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+        assert!(Query::decode(&[4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b':']).is_err());
     }
 
     #[test]
