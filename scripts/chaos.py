@@ -733,6 +733,308 @@ def scenario_sole_worker(args, rng):
     return fig, ok, details
 
 
+# ---------------------------------------------------------------------------
+# Binary upgrades (SIGUSR2). The binary really changes: hello is rebuilt with
+# HELLO_BUILD_ID=1..4 (in its own target dir, so target/release stays as it
+# is) and each build is put at the path the running primary was started
+# from before its SIGUSR2. This script makes itself a child subreaper for
+# the scenario, so that each old primary, orphaned when its own parent left,
+# is reaped here with its exit code.
+
+import atexit  # noqa: E402 - kept with the code that needs it
+
+try:  # once scripts/harness.py holds the /proc helpers
+    from harness import children, start_time  # noqa: E402,F811
+except ImportError:
+    pass
+
+UPGRADE_DIR = os.path.join(OUT, "upgrade")
+UPGRADE_PIDS = {}  # pid -> start time: new primaries and their workers
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def upgrade_cleanup():
+    """SIGKILL every new primary and worker the upgrade scenarios saw."""
+    for _ in range(2):
+        for pid, st in list(UPGRADE_PIDS.items()):
+            for k in children(pid):
+                send(k, signal.SIGKILL, start_time(k))
+            send(pid, signal.SIGKILL, st)
+        time.sleep(0.05)
+    for pid in list(UPGRADE_PIDS):
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    UPGRADE_PIDS.clear()
+
+
+atexit.register(upgrade_cleanup)
+
+
+def upgrade_track(pid):
+    for p in [pid] + children(pid):
+        st = start_time(p)
+        if st is not None:
+            UPGRADE_PIDS.setdefault(p, st)
+
+
+def subreaper(on):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(PR_SET_CHILD_SUBREAPER, 1 if on else 0, 0, 0, 0) == 0
+
+
+def upgrade_builds(n):
+    """hello built with HELLO_BUILD_ID=1..n: the paths of the n binaries."""
+    target = os.path.join(OUT, "upgrade-target")
+    os.makedirs(UPGRADE_DIR, exist_ok=True)
+    out = []
+    for k in range(1, n + 1):
+        r = subprocess.run(["cargo", "build", "--release", "--example", "hello", "--target-dir", target],
+                           cwd=ROOT, env=dict(os.environ, HELLO_BUILD_ID=str(k)),
+                           capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"build {k} failed: {r.stderr[-2000:]}")
+        dst = os.path.join(UPGRADE_DIR, f"hello.b{k}")
+        shutil.copy2(os.path.join(target, "release/examples/hello"), dst)
+        out.append(dst)
+    return out
+
+
+def install(src, path, content=None):
+    """Puts a binary (or a script) at `path` atomically, as a deploy does."""
+    tmp = path + ".new"
+    if content is None:
+        shutil.copy2(src, tmp)
+    else:
+        with open(tmp, "w") as f:
+            f.write(content)
+    os.chmod(tmp, 0o755)
+    os.rename(tmp, path)
+
+
+def reap_exit(srv, pid, timeout=30):
+    """Exit code of an old primary: the first is our child, later ones were
+    orphaned to us (subreaper). None if it did not end in time."""
+    if pid == srv.pid:
+        return srv.wait_exit(timeout)
+    deadline = now() + timeout
+    while now() < deadline:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return "?" if not alive(pid) else None
+        if got == pid:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    return None
+
+
+class BuildChecker:
+    """A client in a loop of Connection: close requests that records the
+    x-build header of each answer, and every failure."""
+
+    def __init__(self, port):
+        self.port, self.seen, self.fails, self.ok = port, [], [], 0
+        self.halt = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        deadline = now() + 120
+        while not self.halt.is_set() and now() < deadline:
+            try:
+                with socket.create_connection((HOST, self.port), timeout=5) as s:
+                    s.settimeout(5)
+                    s.sendall(REQ_CLOSE)
+                    buf = b""
+                    while True:
+                        d = s.recv(65536)
+                        if not d:
+                            break
+                        buf += d
+                head, _, body = buf.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                if not lines[0].startswith("HTTP/1.1 200") or body != BODY:
+                    self.fails.append(f"answer {buf[:80]!r}")
+                else:
+                    self.ok += 1
+                    build = next((l.split(":", 1)[1].strip() for l in lines[1:]
+                                  if l.lower().startswith("x-build:")), None)
+                    if not self.seen or self.seen[-1] != build:
+                        self.seen.append(build)
+            except OSError as e:
+                self.fails.append(f"{type(e).__name__}: {e}")
+            time.sleep(0.005)
+
+    def stop(self):
+        self.halt.set()
+        self.t.join(10)
+
+
+def upgrade_wrk(port, seconds, keep_alive):
+    cmd = ["wrk", "-t2", "-c32", f"-d{seconds}s", "--timeout", "3s"]
+    if not keep_alive:
+        cmd += ["-H", "Connection: close"]
+    return subprocess.Popen(cmd + [f"http://{HOST}:{port}/"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wrk_figures(out):
+    """(requests, socket errors, non-2xx) from wrk's report."""
+    m = re.search(r"(\d+) requests in", out)
+    reqs = int(m.group(1)) if m else 0
+    e = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errs = sum(int(x) for x in e.groups()) if e else 0
+    n = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return reqs, errs, int(n.group(1)) if n else 0
+
+
+def upgrade_run(builds, keep_alive, seconds):
+    """3 upgrades in a row under wrk: a dict of figures."""
+    path = os.path.join(UPGRADE_DIR, "hello")
+    pid_file = os.path.join(UPGRADE_DIR, "hello.pid")
+    install(builds[0], path)
+    env = dict(os.environ)
+    env.pop("SYNCLUSTER_SCHED_POLICY", None)
+    srv = Server([path, "--workers", "2", "--port", "0", "--policy", "rr", "--pid-file", pid_file], env=env)
+    r = {"times": [], "codes": [], "primaries": [srv.pid], "pidfile": []}
+    try:
+        checker = BuildChecker(srv.port)
+        wrk = upgrade_wrk(srv.port, seconds, keep_alive)
+        time.sleep(1.0)
+        for i, b in enumerate(builds[1:], 1):
+            install(b, path)
+            old = r["primaries"][-1]
+            t0 = now()
+            send(old, signal.SIGUSR2)
+            if not srv.wait_err(r"^upgrade: pid \d+ took over", i, timeout=40):
+                r["error"] = f"upgrade {i} did not take over; stderr: {srv.stderr()[-1500:]}"
+                break
+            r["times"].append(now() - t0)
+            new = int(re.findall(r"^upgrade: pid (\d+) took over", srv.stderr(), re.M)[-1])
+            upgrade_track(new)
+            r["primaries"].append(new)
+            r["codes"].append(reap_exit(srv, old))
+            r["pidfile"].append(open(pid_file).read().strip() == str(new) and
+                                not os.path.exists(pid_file + ".oldbin"))
+            upgrade_track(new)
+            time.sleep(1.0)
+        out, _ = wrk.communicate(timeout=seconds + 60)
+        checker.stop()
+        r["wrk"] = wrk_figures(out)
+        r["wrk_out"] = out
+        r["seen"], r["check_ok"], r["check_fails"] = checker.seen, checker.ok, checker.fails
+        r["builds"] = [int(b) for b in re.findall(r"^primary pid \d+, build (\d+)", srv.stderr(), re.M)]
+        last = r["primaries"][-1]
+        send(last, signal.SIGTERM)
+        r["last_code"] = reap_exit(srv, last)
+        r["pid_file_left"] = os.path.exists(pid_file)
+    finally:
+        srv.kill()
+        upgrade_cleanup()
+    return r
+
+
+def scenario_upgrade(args, rng):
+    if not shutil.which("wrk"):
+        return "skipped: wrk not installed", False, []
+    seconds = 6 if args.quick else 8
+    builds = upgrade_builds(4)
+    if not subreaper(True):
+        return "error: prctl(PR_SET_CHILD_SUBREAPER) failed", False, []
+    try:
+        close = upgrade_run(builds, keep_alive=False, seconds=seconds)
+        keep = upgrade_run(builds, keep_alive=True, seconds=seconds)
+    finally:
+        subreaper(False)
+
+    def figure(r):
+        reqs, errs, non2xx = r.get("wrk", (0, 0, 0))
+        times = "/".join(f"{t * 1000:.0f}" for t in r["times"])
+        return (f"{reqs} requests, {errs + len(r.get('check_fails', []))} failed, {non2xx} non-200; "
+                f"3 upgrades in {times} ms; old-primary exits {r['codes']}")
+
+    def good(r):
+        reqs, errs, non2xx = r.get("wrk", (0, 0, 0))
+        return ("error" not in r and len(r["times"]) == 3 and reqs > 0 and errs == 0 and non2xx == 0
+                and not r["check_fails"] and r["codes"] == [0, 0, 0] and all(r["pidfile"])
+                and r["last_code"] == 0 and not r["pid_file_left"])
+
+    details = []
+    header = any(b is not None for b in close.get("seen", []))
+    for name, r in (("close", close), ("keep-alive", keep)):
+        if "error" in r:
+            details.append(f"{name}: {r['error']}")
+        details.append(f"{name}: primaries {r['primaries']}, builds announced {r.get('builds')}, "
+                       f"x-build seen by the checking client {r.get('seen')}, "
+                       f"checker {r.get('check_ok')} ok / {len(r.get('check_fails', []))} failed "
+                       f"{r.get('check_fails', [])[:3]}, pid file handed over each time {r.get('pidfile')}, "
+                       f"last primary exit {r.get('last_code')}, pid file left after it {r.get('pid_file_left')}")
+        details.append(f"{name}: wrk: " + " | ".join(l.strip() for l in r.get("wrk_out", "").splitlines()
+                                                    if "requests in" in l or "errors" in l or "Non-2xx" in l))
+    builds_ok = close.get("builds") == [1, 2, 3, 4]
+    if header:
+        builds_ok = builds_ok and close.get("seen") == ["1", "2", "3", "4"]
+    else:
+        details.append("NOT CHECKED BY A CLIENT: the responses carry no x-build header (examples/common/http.rs "
+                       "does not send it yet); the build change is checked from each new primary's "
+                       "'primary pid P, build N' line instead")
+    ok = good(close) and builds_ok
+    extra = [("upgrade (SIGUSR2 x3), keep-alive", figure(keep), "PASS" if good(keep) else "FAIL")]
+    return "close: " + figure(close), ok, details, extra
+
+
+def scenario_upgrade_fail(args, rng):
+    """The new binary exits at start, then one never gets ready: the old
+    primary kills it, serves on, and puts the pid file back."""
+    if not shutil.which("wrk"):
+        return "skipped: wrk not installed", False, []
+    os.makedirs(UPGRADE_DIR, exist_ok=True)
+    path = os.path.join(UPGRADE_DIR, "hello")
+    pid_file = os.path.join(UPGRADE_DIR, "hello.pid")
+    install(HELLO, path)
+    env = dict(os.environ, HELLO_UPGRADE_TIMEOUT_MS="2000")
+    env.pop("SYNCLUSTER_SCHED_POLICY", None)
+    seconds = 6
+    srv = Server([path, "--workers", "2", "--port", "0", "--policy", "rr", "--pid-file", pid_file], env=env)
+    try:
+        checker = BuildChecker(srv.port)
+        wrk = upgrade_wrk(srv.port, seconds, keep_alive=False)
+        time.sleep(1.0)
+        took, restored = [], []
+        for i, script in enumerate(["#!/bin/sh\nexit 1\n", "#!/bin/sh\nexec sleep 30\n"], 1):
+            install(None, path, content=script)
+            t0 = now()
+            srv.signal(signal.SIGUSR2)
+            if srv.wait_err(r"^upgrade failed", i, timeout=20):
+                took.append(now() - t0)
+            restored.append(open(pid_file).read().strip() == str(srv.pid)
+                            and not os.path.exists(pid_file + ".oldbin"))
+            time.sleep(0.5)
+        out, _ = wrk.communicate(timeout=seconds + 60)
+        checker.stop()
+        serving = alive(srv.pid)
+        install(HELLO, path)
+        code = srv.stop()
+        reasons = re.findall(r"^upgrade failed: (.*)$", srv.stderr(), re.M)
+    finally:
+        srv.kill()
+    reqs, errs, non2xx = wrk_figures(out)
+    fails = errs + len(checker.fails)
+    ok = (len(took) == 2 and all(restored) and fails == 0 and non2xx == 0 and serving and code == 0
+          and reqs > 0)
+    fig = (f"{reqs} requests, {fails} failed, {non2xx} non-200; failures seen in "
+           f"{'/'.join(f'{t * 1000:.0f}' for t in took)} ms (exit 1 / not ready in 2 s); pid file restored "
+           f"{restored}; old primary still serving: {serving}; exit {code}")
+    details = [f"reasons: {reasons}",
+               f"checker {checker.ok} ok, {len(checker.fails)} failed {checker.fails[:3]}",
+               "wrk: " + " | ".join(l.strip() for l in out.splitlines()
+                                    if "requests in" in l or "errors" in l or "Non-2xx" in l)]
+    return fig, ok, details
+
+
 SCENARIOS = [
     ("worker kills", "kills", scenario_kills),
     ("reload (SIGHUP x3)", "reload", scenario_reload),
@@ -744,6 +1046,8 @@ SCENARIOS = [
     ("hung worker", "hang", scenario_hang),
     ("primary death (kill -9)", "primary", scenario_primary_death),
     ("sole worker killed (extra)", "sole", scenario_sole_worker),
+    ("binary upgrade (SIGUSR2 x3), close", "upgrade", scenario_upgrade),
+    ("failing upgrade", "upgrade-fail", scenario_upgrade_fail),
 ]
 
 

@@ -100,7 +100,6 @@ pub mod primary;
 mod protocol;
 mod readiness;
 pub mod supervisor;
-#[allow(dead_code)] // wired into the primary by the deploy work
 mod systemd;
 pub mod worker;
 

@@ -130,11 +130,29 @@ pub enum Endpoint {
     /// A socket the program gave the primary with `Primary::listen_fd`,
     /// named by its fd number in the primary (Node's `listen({fd})`).
     Fd(i32),
+    /// `fd:NAME`: the socket the primary inherited under this name
+    /// (systemd's `FileDescriptorName=`, kept across a binary upgrade). It
+    /// is never bound: a name nothing was inherited under is an error.
+    Name(String),
+}
+
+/// The longest fd name systemd accepts (`FileDescriptorName=`).
+pub const MAX_FD_NAME: usize = 255;
+
+/// A valid fd name, as systemd's `fdname_is_valid`: 1 to 255 printable
+/// ASCII characters, no `:` (the separator of `LISTEN_FDNAMES`).
+pub fn valid_fd_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_FD_NAME
+        && name
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b':')
 }
 
 impl Endpoint {
-    /// Parses `"host:port"`, `"[v6]:port"`, `"port"`, `":port"` or a Unix
-    /// socket path, as Node's `listen` reads a string: anything with a `/`
+    /// Parses `"host:port"`, `"[v6]:port"`, `"port"`, `":port"`, `"fd:NAME"`
+    /// (a socket the primary inherited under that name) or a Unix socket
+    /// path, as Node's `listen` reads a string: anything with a `/`
     /// is a path, so is a word with no `:` that is not a number (`s.sock`,
     /// `localhost`). A relative path is resolved against the current
     /// directory and normalized as Node's `path.resolve` does (`.`, `..`
@@ -147,6 +165,14 @@ impl Endpoint {
                 format!("bad listen address {s:?}: {why}"),
             )
         };
+        if let Some(name) = s.strip_prefix("fd:") {
+            if !valid_fd_name(name) {
+                return Err(bad(
+                    "an fd name is 1 to 255 printable ASCII characters without ':'",
+                ));
+            }
+            return Ok(Endpoint::Name(name.to_string()));
+        }
         if s.is_empty() {
             return Err(bad("empty"));
         }
@@ -193,6 +219,7 @@ impl Endpoint {
             Endpoint::Tcp(None, port) => format!(":{port}:"),
             Endpoint::Unix(p) => format!("{}:-1:unix", p.display()),
             Endpoint::Fd(n) => format!("fd:{n}"),
+            Endpoint::Name(n) => format!("fdname:{n}"),
         }
     }
 
@@ -203,6 +230,7 @@ impl Endpoint {
             Endpoint::Tcp(None, port) => format!("port {port}"),
             Endpoint::Unix(p) => p.display().to_string(),
             Endpoint::Fd(n) => format!("fd {n} of the primary"),
+            Endpoint::Name(n) => format!("fd:{n}"),
         }
     }
 
@@ -297,7 +325,7 @@ impl Query {
         key
     }
 
-    /// Encodes: tag u8 (low nibble: 0 ip, 1 any, 2 unix, 3 fd; high
+    /// Encodes: tag u8 (low nibble: 0 ip, 1 any, 2 unix, 3 fd, 4 name; high
     /// nibble: the flags), index u32, backlog u32, port u16, text (the
     /// address, the path, or the fd as u32). Without flags the tag is the
     /// endpoint kind alone.
@@ -311,6 +339,7 @@ impl Query {
                 (2u8, 0, p.as_os_str().as_bytes().to_vec())
             }
             Endpoint::Fd(n) => (3u8, 0, n.to_le_bytes().to_vec()),
+            Endpoint::Name(n) => (4u8, 0, n.clone().into_bytes()),
         };
         out.push(tag | self.flags.bits() << 4);
         out.extend_from_slice(&self.index.to_le_bytes());
@@ -362,6 +391,13 @@ impl Query {
                 }
                 Endpoint::Fd(n)
             }
+            4 => {
+                let s = std::str::from_utf8(buf).map_err(|_| bad("fd name is not UTF-8"))?;
+                if !valid_fd_name(s) {
+                    return Err(bad("not a valid fd name"));
+                }
+                Endpoint::Name(s.to_string())
+            }
             _ => return Err(bad("unknown endpoint tag")),
         };
         let udp = flags.contains(QueryFlags::UDP);
@@ -372,10 +408,10 @@ impl Query {
             Endpoint::Unix(_) if udp || v6only => {
                 return Err(bad("UDP or IPV6_V6ONLY asked for a Unix socket"))
             }
-            Endpoint::Tcp(..) | Endpoint::Fd(_) if mode => {
+            Endpoint::Tcp(..) | Endpoint::Fd(_) | Endpoint::Name(_) if mode => {
                 return Err(bad("a file mode asked for a socket that has no file"))
             }
-            Endpoint::Fd(_) if udp || v6only => {
+            Endpoint::Fd(_) | Endpoint::Name(_) if udp || v6only => {
                 return Err(bad("UDP or IPV6_V6ONLY asked for the program's own socket"))
             }
             Endpoint::Tcp(Some(IpAddr::V4(_)), _) if v6only => {
@@ -513,8 +549,19 @@ mod tests {
                 "{word}"
             );
         }
+        assert_eq!(
+            Endpoint::parse("fd:http").unwrap(),
+            Endpoint::Name("http".into())
+        );
+        assert_eq!(
+            Endpoint::parse("fd:a/b").unwrap(),
+            Endpoint::Name("a/b".into())
+        );
         for bad in [
             "",
+            "fd:",
+            "fd:a:b",
+            "fd:\u{7f}",
             "70000",
             "1.2.3.4:70000",
             "nope:1",
@@ -551,6 +598,7 @@ mod tests {
             (Endpoint::Tcp(Some("::1".parse().unwrap()), 443), udp),
             (Endpoint::Unix("/run/a.sock".into()), mode),
             (Endpoint::Fd(7), QueryFlags::empty()),
+            (Endpoint::Name("web".into()), QueryFlags::empty()),
         ] {
             let q = Query {
                 endpoint: ep,
@@ -567,7 +615,10 @@ mod tests {
         assert!(Query::decode(&[head(2, 0), b"x".to_vec()].concat()).is_err());
         // Unknown flags, and flags that do not fit the endpoint.
         assert!(Query::decode(&[head(2, 0), b"/x".to_vec()].concat()).is_ok());
-        assert!(Query::decode(&[head(4, 0), b"/x".to_vec()].concat()).is_err());
+        assert!(Query::decode(&[head(5, 0), b"/x".to_vec()].concat()).is_err());
+        // A name must be a valid fd name.
+        assert!(Query::decode(&head(4, 0)).is_err());
+        assert!(Query::decode(&[head(4, 0), b":".to_vec()].concat()).is_err());
         assert!(Query::decode(&[head(2, 1), b"/x".to_vec()].concat()).is_err());
         assert!(Query::decode(&head(1, 4)).is_err());
         assert!(Query::decode(&[head(0, 2), b"1.2.3.4".to_vec()].concat()).is_err());

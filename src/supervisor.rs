@@ -1,12 +1,46 @@
 //! A ready-made operations policy on top of [`Primary`]: what nginx,
 //! gunicorn and unicorn users expect from a master process.
 //!
+//! The stop signals follow **gunicorn** by default (and unicorn: TERM and
+//! INT are the graceful stop, QUIT the immediate one). nginx uses them the
+//! other way round (QUIT graceful, TERM and INT fast);
+//! [`Config::stop_signals`] = [`StopSignals::Nginx`] takes that convention.
+//!
 //! | signal | effect |
 //! |---|---|
-//! | SIGTERM, SIGINT | graceful stop: stop accepting, workers finish what they hold, then exit; still busy after the graceful timeout (30 s) → SIGKILL, reported |
-//! | SIGQUIT | immediate stop: SIGKILL every worker |
+//! | SIGTERM, SIGINT (nginx: SIGQUIT) | graceful stop: stop accepting, workers finish what they hold, then exit; still busy after the graceful timeout (30 s) → SIGKILL, reported |
+//! | SIGQUIT (nginx: SIGTERM, SIGINT) | immediate stop: SIGKILL every worker |
 //! | SIGHUP | zero-downtime rolling restart, one worker at a time: fork the replacement, wait until it listens everywhere the old one did, only then retire the old one; a replacement that fails stops the reload and keeps the old workers |
+//! | SIGUSR1 | reopen logs: [`Notice::ReopenLogs`] for the program, and SIGUSR1 to every worker ([`Config::forward_usr1`]), as nginx |
+//! | SIGUSR2 | binary upgrade: start the program again (the file now at its path) with every listening socket; once all its workers listen it takes over and this primary drains its workers and ends ([`Notice::Upgraded`]); if it fails, this primary goes on ([`Notice::UpgradeFailed`]) |
 //! | SIGTTIN / SIGTTOU | one worker more / fewer (never below 1) |
+//!
+//! # Binary upgrade
+//!
+//! On SIGUSR2 (or [`Supervisor::upgrade`]), [`Primary::upgrade`] starts the
+//! new program; the pid file, if any, is renamed `FILE.oldbin` first, as
+//! nginx does, and the new primary writes `FILE`. The new primary's
+//! supervisor confirms once its whole first generation listens; the old one
+//! then stops accepting (connections waiting in the kernel backlog are the
+//! new primary's to accept; those it accepted already go to its own
+//! workers), lets its workers finish, removes `FILE.oldbin` and
+//! [`Supervisor::next_event`] ends, as after a graceful stop. If the new
+//! program fails to start, exits, or is not ready within
+//! [`Config::upgrade_timeout`], it is killed, the pid file is put back, and
+//! nothing else changes. One upgrade at a time: SIGUSR2 during one is
+//! refused ([`Notice::UpgradeRefused`]).
+//!
+//! # systemd
+//!
+//! With `NOTIFY_SOCKET` set, the supervisor speaks `sd_notify` (only the
+//! primary: workers never see the variable): `READY=1` once the first
+//! generation listens; `RELOADING=1` with `MONOTONIC_USEC` at SIGHUP and
+//! `READY=1` when the reload ends, done or failed (`Type=notify-reload`);
+//! `STOPPING=1` at a stop; `STATUS=` lines (workers, reloads);
+//! `MAINPID=` when a binary upgrade hands over (then this primary says
+//! nothing more; a new primary says nothing until it took over);
+//! `WATCHDOG=1` every half `WATCHDOG_USEC`, from the loop's own deadlines,
+//! so a stuck loop stops the pings.
 //!
 //! An unexpected death is respawned with exponential backoff (100 ms, ×2,
 //! up to 30 s by default); the backoff resets once a worker has stayed up
@@ -29,11 +63,13 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::primary::{Event, ExitStatus, Primary, State, Stdio};
 use crate::signal::Signal;
 use crate::sys::limits;
+use crate::systemd::{self, Notifier};
 
 /// The most workers a [`Supervisor`] runs, whatever the limits allow: far
 /// more than any machine has cores.
@@ -42,6 +78,18 @@ pub const MAX_WORKERS: usize = 4096;
 /// fds the primary holds besides its workers': stdio, epoll, signalfd,
 /// listeners, and the pipe and socketpair of a fork in progress.
 const FDS_RESERVE: u64 = 16;
+
+/// Which stop signal is graceful.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StopSignals {
+    /// gunicorn's and unicorn's: SIGTERM and SIGINT stop gracefully,
+    /// SIGQUIT at once (the default).
+    #[default]
+    Gunicorn,
+    /// nginx's: SIGQUIT stops gracefully, SIGTERM and SIGINT at once.
+    Nginx,
+}
 
 /// Timings and sizes of a [`Supervisor`]. Start from `Config::default()`
 /// and assign fields (it is `#[non_exhaustive]`: new fields come with
@@ -63,6 +111,20 @@ pub struct Config {
     pub reload_timeout: Duration,
     /// Kill workers that hold connections this long without taking the next one (default off).
     pub hang_timeout: Option<Duration>,
+    /// Which stop signal is graceful (default: gunicorn's convention).
+    pub stop_signals: StopSignals,
+    /// How long a binary upgrade waits for the new primary to be ready (default 30 s).
+    pub upgrade_timeout: Duration,
+    /// The program a binary upgrade runs; `None` (the default): the file now
+    /// at the path this program was started from.
+    pub upgrade_exec: Option<PathBuf>,
+    /// Write this primary's pid here at start (and remove it at the end);
+    /// a binary upgrade renames it `FILE.oldbin` meanwhile (default none).
+    pub pid_file: Option<PathBuf>,
+    /// Send SIGUSR1 on to every worker (default true, as nginx). A worker
+    /// that does not handle SIGUSR1 dies of it: turn this off for such
+    /// workers.
+    pub forward_usr1: bool,
 }
 
 impl Default for Config {
@@ -75,6 +137,11 @@ impl Default for Config {
             stable_after: Duration::from_secs(10),
             reload_timeout: Duration::from_secs(30),
             hang_timeout: None,
+            stop_signals: StopSignals::Gunicorn,
+            upgrade_timeout: crate::primary::DEFAULT_UPGRADE_TIMEOUT,
+            upgrade_exec: None,
+            pid_file: None,
+            forward_usr1: true,
         }
     }
 }
@@ -135,6 +202,99 @@ pub enum Notice {
     },
     /// The graceful timeout passed; these workers were killed.
     ForceKilled(Vec<u32>),
+    /// SIGUSR1: reopen log files (the workers got SIGUSR1 too, unless
+    /// [`Config::forward_usr1`] is off).
+    ReopenLogs,
+    /// SIGUSR2: a binary upgrade began; this is the new primary.
+    Upgrading {
+        /// The new primary's pid.
+        pid: i32,
+    },
+    /// The new primary is ready and took over: this primary stopped
+    /// accepting and is letting its workers finish; then `next_event`
+    /// ends.
+    Upgraded {
+        /// The new primary's pid.
+        pid: i32,
+    },
+    /// The binary upgrade failed (the new program could not start, exited,
+    /// or was not ready in time, and was killed); this primary serves on.
+    UpgradeFailed(String),
+    /// SIGUSR2 came while an upgrade was in progress (or during a stop): no
+    /// second one was started.
+    UpgradeRefused(String),
+}
+
+/// The pid file: written at start, `.oldbin` during an upgrade.
+#[derive(Debug)]
+struct PidFile {
+    path: PathBuf,
+    oldbin: PathBuf,
+    pid: i32,
+    /// Renamed to `oldbin` for an upgrade in progress or done.
+    moved: bool,
+}
+
+impl PidFile {
+    fn write(path: &Path) -> io::Result<PidFile> {
+        let pid = crate::sys::process::getpid();
+        let named = |e: io::Error, what: &str| {
+            io::Error::new(
+                e.kind(),
+                format!("pid file {}: {what}: {e}", path.display()),
+            )
+        };
+        // Whole or not at all: a reader never sees half a pid.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{pid}.tmp"));
+        std::fs::write(&tmp, format!("{pid}\n")).map_err(|e| named(e, "write"))?;
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(named(e, "rename"));
+        }
+        let mut oldbin = path.as_os_str().to_owned();
+        oldbin.push(".oldbin");
+        Ok(PidFile {
+            path: path.to_owned(),
+            oldbin: oldbin.into(),
+            pid,
+            moved: false,
+        })
+    }
+
+    fn holds_us(&self, path: &Path) -> bool {
+        std::fs::read_to_string(path).is_ok_and(|s| s.trim() == self.pid.to_string())
+    }
+
+    /// FILE → FILE.oldbin, for the new primary to write FILE.
+    fn move_to_oldbin(&mut self) -> io::Result<()> {
+        if self.holds_us(&self.path) {
+            std::fs::rename(&self.path, &self.oldbin).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("pid file {} to .oldbin: {e}", self.path.display()),
+                )
+            })?;
+            self.moved = true;
+        }
+        Ok(())
+    }
+
+    /// FILE.oldbin → FILE, over what the failed new primary wrote.
+    fn restore(&mut self) {
+        if self.moved && self.holds_us(&self.oldbin) {
+            let _ = std::fs::rename(&self.oldbin, &self.path);
+        }
+        self.moved = false;
+    }
+
+    /// At the end: our file, wherever it is, and only if it is still ours.
+    fn remove(&self) {
+        let ours = if self.moved { &self.oldbin } else { &self.path };
+        if self.holds_us(ours) {
+            let _ = std::fs::remove_file(ours);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -167,6 +327,15 @@ pub struct Supervisor {
     /// Why the startup failed; `next_event` returns it once every worker
     /// is gone.
     failed: Option<io::Error>,
+    /// `NOTIFY_SOCKET`, when set.
+    notifier: Option<Notifier>,
+    /// Half of `WATCHDOG_USEC`, and when the next `WATCHDOG=1` is due.
+    watchdog: Option<(Duration, Instant)>,
+    /// Rolling reloads done.
+    reloads: u32,
+    /// Handed over to this new primary by a binary upgrade.
+    successor: Option<i32>,
+    pid_file: Option<PidFile>,
 }
 
 impl Supervisor {
@@ -178,10 +347,19 @@ impl Supervisor {
     /// primary's `RLIMIT_NOFILE` leaves room for (its channel to each worker,
     /// their stdout and stderr pipes when piped, and a connection in flight).
     /// If a fork fails, the workers already forked are killed and reaped.
+    ///
+    /// With [`Config::pid_file`], the pid file is written first; an error
+    /// writing it fails the start. A malformed `NOTIFY_SOCKET`,
+    /// `WATCHDOG_USEC` or `WATCHDOG_PID` is an `InvalidInput` error naming it.
     pub fn start(mut primary: Primary, config: Config) -> io::Result<Supervisor> {
         let workers = config.workers.max(1);
         check_capacity(workers, primary.settings().stdio)?;
         primary.set_hang_timeout(config.hang_timeout);
+        let notifier = Notifier::from_env()?;
+        let watchdog = systemd::watchdog_from_env()?
+            .filter(|_| notifier.is_some())
+            .map(|every| (every, Instant::now() + every));
+        let pid_file = config.pid_file.as_deref().map(PidFile::write).transpose()?;
         let mut s = Supervisor {
             primary,
             config,
@@ -194,6 +372,11 @@ impl Supervisor {
             target_listens: 0,
             out: Default::default(),
             failed: None,
+            notifier,
+            watchdog,
+            reloads: 0,
+            successor: None,
+            pid_file,
         };
         for _ in 0..workers {
             if let Err(e) = s.fork_member(true) {
@@ -245,7 +428,9 @@ impl Supervisor {
         Ok(id)
     }
 
-    /// Begins a graceful stop, as SIGTERM does.
+    /// Begins a graceful stop, as SIGTERM does (SIGQUIT with
+    /// [`StopSignals::Nginx`]). An upgrade in progress is abandoned: the new
+    /// primary is killed.
     pub fn stop(&mut self) -> io::Result<()> {
         if self.stopping.is_some() {
             return Ok(());
@@ -253,6 +438,8 @@ impl Supervisor {
         self.stopping = Some(Instant::now() + self.config.graceful_timeout);
         self.respawn_at.clear();
         self.reload = None;
+        self.abandon_upgrade();
+        self.notify("STOPPING=1");
         self.out.push_back(Notice::Stopping { graceful: true });
         self.primary.disconnect_all(None)
     }
@@ -261,16 +448,58 @@ impl Supervisor {
         self.stopping = Some(Instant::now());
         self.respawn_at.clear();
         self.reload = None;
+        self.abandon_upgrade();
+        self.notify("STOPPING=1");
         self.out.push_back(Notice::Stopping { graceful: false });
         for w in self.primary.workers() {
             let _ = self.primary.kill(w.id, Signal::KILL);
         }
     }
 
-    /// Begins a rolling restart, as SIGHUP does.
-    pub fn reload(&mut self) {
-        if self.stopping.is_some() || self.reload.is_some() {
+    // A stop during an upgrade: the new primary goes, the pid file comes back.
+    fn abandon_upgrade(&mut self) {
+        if let Some(pid) = self.primary.cancel_upgrade() {
+            if let Some(f) = self.pid_file.as_mut() {
+                f.restore();
+            }
+            self.out.push_back(Notice::UpgradeFailed(format!(
+                "new primary (pid {pid}) killed: this primary is stopping"
+            )));
+        }
+    }
+
+    // One sd_notify datagram, while this primary is the one systemd hears:
+    // not before a new primary took over, not after this one handed over.
+    fn notify(&self, state: &str) {
+        if self.successor.is_some() || self.primary.is_upgrade_pending_confirmation() {
             return;
+        }
+        if let Some(n) = &self.notifier {
+            let _ = n.notify(state);
+        }
+    }
+
+    fn status(&self) -> String {
+        let live = self
+            .primary
+            .workers()
+            .iter()
+            .filter(|w| !w.exited_after_disconnect && w.state != State::Disconnected)
+            .count();
+        format!("STATUS={live} workers, {} reloads", self.reloads)
+    }
+
+    /// Begins a rolling restart, as SIGHUP does. Ignored during a stop, a
+    /// reload or an upgrade.
+    pub fn reload(&mut self) {
+        if self.stopping.is_some() || self.reload.is_some() || self.primary.upgrade_pid().is_some()
+        {
+            return;
+        }
+        if self.successor.is_none() && !self.primary.is_upgrade_pending_confirmation() {
+            if let Some(n) = &self.notifier {
+                let _ = n.reloading();
+            }
         }
         let pending: Vec<u32> = self
             .primary
@@ -296,6 +525,8 @@ impl Supervisor {
         }
         let Some(old) = r.pending.pop() else {
             self.reload = None;
+            self.reloads += 1;
+            self.notify(&format!("READY=1\n{}", self.status()));
             self.out.push_back(Notice::Reloaded);
             return;
         };
@@ -328,7 +559,68 @@ impl Supervisor {
                 let _ = self.primary.kill(new, Signal::KILL);
             }
         }
+        self.notify(&format!("READY=1\n{}", self.status()));
         self.out.push_back(Notice::ReloadFailed(why));
+    }
+
+    /// Begins a binary upgrade, as SIGUSR2 does (see the module docs).
+    /// Refused, with [`Notice::UpgradeRefused`], during a stop, while an
+    /// upgrade is in progress, and in a new primary not yet ready itself.
+    pub fn upgrade(&mut self) {
+        let refused = if let Some(pid) = self.successor {
+            Some(format!("this primary handed over to pid {pid} already"))
+        } else if self.stopping.is_some() {
+            Some("this primary is stopping".to_string())
+        } else if let Some(pid) = self.primary.upgrade_pid() {
+            Some(format!("an upgrade is in progress (new primary pid {pid})"))
+        } else if self.primary.is_upgrade_pending_confirmation() {
+            Some("this primary is itself an upgrade that is not ready yet".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            self.out.push_back(Notice::UpgradeRefused(why));
+            return;
+        }
+        if let Some(Err(e)) = self.pid_file.as_mut().map(PidFile::move_to_oldbin) {
+            self.out.push_back(Notice::UpgradeFailed(e.to_string()));
+            return;
+        }
+        let exec = self.config.upgrade_exec.clone();
+        match self
+            .primary
+            .upgrade(exec.as_deref(), self.config.upgrade_timeout)
+        {
+            Ok(pid) => self.out.push_back(Notice::Upgrading { pid }),
+            Err(e) => {
+                if let Some(f) = self.pid_file.as_mut() {
+                    f.restore();
+                }
+                self.out.push_back(Notice::UpgradeFailed(e.to_string()));
+            }
+        }
+    }
+
+    // The new primary is ready: hand over and drain, as a graceful stop
+    // that leaves the sockets open.
+    fn hand_over(&mut self, pid: i32) {
+        self.notify(&format!("MAINPID={pid}"));
+        self.successor = Some(pid);
+        self.watchdog = None;
+        self.stopping = Some(Instant::now() + self.config.graceful_timeout);
+        self.respawn_at.clear();
+        self.reload = None;
+        self.primary.retire(None);
+        self.out.push_back(Notice::Upgraded { pid });
+    }
+
+    fn reopen_logs(&mut self) {
+        if self.config.forward_usr1 {
+            for w in self.primary.workers() {
+                let _ = self.primary.kill(w.id, Signal::USR1);
+            }
+        }
+        self.out.push_back(Notice::ReopenLogs);
     }
 
     // Retires the old worker once its replacement listens where it did.
@@ -450,12 +742,20 @@ impl Supervisor {
         self.stopping = Some(Instant::now() + self.config.graceful_timeout);
         self.respawn_at.clear();
         self.reload = None;
+        self.abandon_upgrade();
+        self.notify("STOPPING=1");
         // Exits then report `exited_after_disconnect`: expected, not deaths.
         let _ = self.primary.disconnect_all(Some(Duration::ZERO));
     }
 
     fn on_timers(&mut self) -> io::Result<()> {
         let now = Instant::now();
+        if let Some((every, due)) = self.watchdog {
+            if due <= now {
+                self.notify("WATCHDOG=1");
+                self.watchdog = Some((every, now + every));
+            }
+        }
         let due = self.respawn_at.iter().filter(|&&t| t <= now).count();
         self.respawn_at.retain(|&t| t > now);
         for _ in 0..due {
@@ -503,6 +803,7 @@ impl Supervisor {
             .copied()
             .chain(reload)
             .chain(self.stopping)
+            .chain(self.watchdog.map(|w| w.1))
             .min()
     }
 
@@ -519,6 +820,9 @@ impl Supervisor {
                 return Ok(Some(n));
             }
             if self.stopping.is_some() && self.primary.workers().is_empty() {
+                if let Some(f) = self.pid_file.take() {
+                    f.remove();
+                }
                 return self.failed.take().map_or(Ok(None), Err);
             }
             let wait = self
@@ -546,14 +850,33 @@ impl Supervisor {
                 _ => None,
             };
             let online = matches!(ev, Event::Online(_));
+            let upgrade = match &ev {
+                Event::UpgradeReady { pid } => Some(Ok(*pid)),
+                Event::UpgradeFailed { reason, .. } => Some(Err(reason.clone())),
+                _ => None,
+            };
             self.out.push_back(Notice::Cluster(ev));
+            let nginx = self.config.stop_signals == StopSignals::Nginx;
             match action {
-                Some(Signal::TERM | Signal::INT) => self.stop()?,
-                Some(Signal::QUIT) => self.stop_now(),
+                Some(Signal::TERM | Signal::INT) if !nginx => self.stop()?,
+                Some(Signal::QUIT) if nginx => self.stop()?,
+                Some(Signal::QUIT | Signal::TERM | Signal::INT) => self.stop_now(),
                 Some(Signal::HUP) => self.reload(),
                 Some(Signal::TTIN) => self.scale(true)?,
                 Some(Signal::TTOU) => self.scale(false)?,
+                Some(Signal::USR1) => self.reopen_logs(),
+                Some(Signal::USR2) => self.upgrade(),
                 _ => {}
+            }
+            match upgrade {
+                Some(Ok(pid)) => self.hand_over(pid),
+                Some(Err(reason)) => {
+                    if let Some(f) = self.pid_file.as_mut() {
+                        f.restore();
+                    }
+                    self.out.push_back(Notice::UpgradeFailed(reason));
+                }
+                None => {}
             }
             if let Some(id) = listening {
                 if let Some(m) = self.members.get_mut(&id) {
@@ -584,6 +907,41 @@ impl Supervisor {
         if listening >= self.config.workers {
             self.ready = true;
             self.out.push_back(Notice::Ready);
+            // A new primary of an upgrade takes over now; a fresh one is
+            // ready for systemd.
+            if let Some(old) = self.primary.upgraded_from() {
+                if let Err(e) = self.primary.confirm_upgrade() {
+                    self.out.push_back(Notice::Cluster(Event::Error {
+                        id: 0,
+                        error: io::Error::new(
+                            e.kind(),
+                            format!(
+                                "telling the old primary (pid {old}) that this one is ready: {e}"
+                            ),
+                        ),
+                    }));
+                }
+                // Nothing for systemd yet: the old primary's MAINPID= comes
+                // first, and a message before it would be from a stranger.
+            } else {
+                self.notify(&format!("READY=1\n{}", self.status()));
+            }
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    /// Kills a new primary whose upgrade is still in progress (it would
+    /// otherwise run on beside nobody) and removes the pid file if it is
+    /// still this primary's.
+    fn drop(&mut self) {
+        if self.primary.cancel_upgrade().is_some() {
+            if let Some(f) = self.pid_file.as_mut() {
+                f.restore();
+            }
+        }
+        if let Some(f) = self.pid_file.take() {
+            f.remove();
         }
     }
 }

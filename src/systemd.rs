@@ -195,9 +195,13 @@ pub(crate) fn watchdog_from_env() -> io::Result<Option<Duration>> {
     )
 }
 
-/// True for a variable the primary keeps to itself.
+/// True for a variable the primary keeps to itself: systemd's, and those
+/// of a binary upgrade (`SYNCLUSTER_UPGRADE_*`).
 pub(crate) fn is_primary_only(key: &OsStr) -> bool {
-    PRIMARY_ONLY.iter().any(|k| OsStr::new(k) == key)
+    PRIMARY_ONLY
+        .iter()
+        .chain(&crate::primary::UPGRADE_VARS)
+        .any(|k| OsStr::new(k) == key)
 }
 
 #[cfg(test)]
@@ -295,6 +299,7 @@ mod tests {
     fn primary_only_variables_are_known() {
         assert!(is_primary_only(OsStr::new("NOTIFY_SOCKET")));
         assert!(is_primary_only(OsStr::new("LISTEN_FDS")));
+        assert!(is_primary_only(OsStr::new("SYNCLUSTER_UPGRADE_FDS")));
         assert!(!is_primary_only(OsStr::new("PATH")));
     }
 }

@@ -132,11 +132,18 @@ impl<'w> Server<'w> {
         loop {
             let wait = self.expire(Instant::now());
             // After expire: when it closed the last connection, the wait it
-            // returns is for a stale timer, and nothing else may wake us.
-            if self.draining && self.live() == 0 {
-                return Ok(());
-            }
-            match self.worker.next_event_timeout(wait)? {
+            // returns is for a stale timer, and nothing else may wake us --
+            // but connections the worker took from a shared socket's
+            // backlog as it stopped may still be queued: serve those first.
+            let event = if self.draining && self.live() == 0 {
+                match self.worker.try_next_event()? {
+                    Some(ev) => Some(ev),
+                    None => return Ok(()),
+                }
+            } else {
+                self.worker.next_event_timeout(wait)?
+            };
+            match event {
                 Some(WorkerEvent::Connection { stream, .. }) => self.accept(stream),
                 Some(WorkerEvent::Ready { token, readiness }) => self.on_ready(token, readiness),
                 Some(WorkerEvent::Disconnect) => self.drain(),

@@ -21,6 +21,7 @@ pub(super) const TOKEN_SIGNAL: u64 = 0;
 pub(super) const TOKEN_WORKER: u64 = 1 << 32;
 pub(super) const TOKEN_HANDLE: u64 = 2 << 32;
 pub(super) const TOKEN_PIDFD: u64 = 3 << 32;
+pub(super) const TOKEN_UPGRADE: u64 = 4 << 32;
 pub(super) const TOKEN_USER: u64 = 1 << 62;
 
 fn other(msg: String) -> io::Error {
@@ -190,6 +191,8 @@ impl Primary {
                     self.on_worker(id, flags);
                 }
                 TOKEN_PIDFD => self.reap_worker(token as u32),
+                // Looked at after the loop, as every turn.
+                TOKEN_UPGRADE => {}
                 TOKEN_HANDLE => {
                     let hid = token as u32;
                     self.accept_ready(hid, false);
@@ -211,6 +214,7 @@ impl Primary {
             self.read_worker(id, Budget::TURN);
         }
         self.on_timers();
+        self.upgrade_turn();
         Ok(())
     }
 

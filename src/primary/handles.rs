@@ -19,6 +19,7 @@ use crate::protocol::{self, Endpoint, Policy, Query};
 use crate::sys::{self, epoll};
 
 // errno values a refused query carries to the worker's `listen()`.
+const ENOENT: i32 = 2;
 const EACCES: i32 = 13;
 const EMFILE: i32 = 24;
 const ECONNABORTED: i32 = 103;
@@ -65,6 +66,12 @@ pub(super) struct Handle {
     /// Its last worker died unexpectedly: kept open (not accepting) until
     /// this time for a replacement to listen on the same socket.
     pub orphaned_until: Option<Instant>,
+    /// The program's own: bound by [`Primary::listen`] or inherited
+    /// (socket activation, a binary upgrade). Workers that match it get it;
+    /// it stays open when its last worker leaves.
+    pub pinned: bool,
+    /// The name it was inherited under (`fd:NAME` in a worker's `listen`).
+    pub name: Option<String>,
 }
 
 impl Handle {
@@ -158,7 +165,12 @@ impl Primary {
                 ),
             )
         };
+        let key = format!("{}:{}", q.key(), q.index);
+        // The program's own sockets are offered whatever the rules: it
+        // bound (or inherited) them for its workers.
+        let prebound = self.find_prebound(&key, &q.endpoint, q.index);
         let dir = match &q.endpoint {
+            _ if prebound.is_some() => None,
             Endpoint::Tcp(host, port) => {
                 if !rules.allows_tcp(*host, *port) {
                     return Err(denied());
@@ -178,9 +190,19 @@ impl Primary {
             }
             // Offered by the program itself (`Primary::listen_fd`).
             Endpoint::Fd(_) => None,
+            Endpoint::Name(_) => {
+                return Err(refused(
+                    ENOENT,
+                    io::ErrorKind::NotFound,
+                    format!("listen on {what}: no socket was inherited under that name"),
+                ))
+            }
         };
-        let key = format!("{}:{}", q.key(), q.index);
-        let existing = self.keys.get(&key).copied();
+        if let Some(hid) = prebound {
+            self.fit_policy(hid);
+        }
+        let slot = self.workers.get(&id).ok_or_else(|| Self::gone(id))?;
+        let existing = prebound.or_else(|| self.keys.get(&key).copied());
         let held = existing.filter(|hid| slot.grants.iter().any(|g| g.hid == *hid));
         let cap = self.settings.max_worker_handles;
         if held.is_none() && slot.grants.len() >= cap {
@@ -286,6 +308,8 @@ impl Primary {
                 polling,
                 paused_until: None,
                 orphaned_until: None,
+                pinned: false,
+                name: None,
             },
         );
         Ok(hid)
@@ -298,10 +322,14 @@ impl Primary {
             return;
         };
         h.remove_worker(id);
-        if h.workers.is_empty() {
-            self.close_handle(hid);
-        } else {
+        if !h.workers.is_empty() {
             self.distribute(hid, false);
+        } else if h.pinned {
+            // The program's: quiet until a worker comes back; the kernel
+            // backlog holds new connections meanwhile.
+            self.set_polling(hid, false);
+        } else {
+            self.close_handle(hid);
         }
     }
 
@@ -315,6 +343,10 @@ impl Primary {
         h.remove_worker(id);
         if !h.workers.is_empty() {
             self.distribute(hid, false);
+            return;
+        }
+        if h.pinned {
+            self.set_polling(hid, false);
             return;
         }
         // Bounded: a worker that crashes again and again holding many
@@ -366,5 +398,207 @@ impl Primary {
         if res.is_ok() {
             h.polling = on;
         }
+    }
+}
+
+impl Primary {
+    /// Listens on `addr` in the primary, before any worker needs it, so
+    /// that a bad address or a port in use is an error now, at startup,
+    /// rather than a worker that fails to listen (and is respawned). The
+    /// socket has the settings' backlog, and their policy as it is when the
+    /// first worker joins it.
+    ///
+    /// `addr` is what a worker's `listen` takes. A socket this process
+    /// inherited (socket activation, a binary upgrade) that matches it is
+    /// taken instead of a new bind: same key, same address (for a port other
+    /// than 0), or `fd:NAME`. A `fd:NAME` nothing was inherited under is
+    /// `NotFound`. Errors name the address.
+    ///
+    /// Workers that later `listen` on the same address get this socket:
+    /// the same `host:port` (or path), or the same `host:0` for a port-0
+    /// socket (the port the kernel chose, shared as Node shares the k-th
+    /// `listen(0)` of every worker; a worker's port 0 never means an
+    /// inherited socket of some other port). Only a worker's first listen
+    /// on an address matches (Node's index 0). [`Settings::listen_rules`]
+    /// do not apply to these sockets: the program offers them.
+    ///
+    /// The socket belongs to the program: it stays open when its last worker
+    /// leaves (connections wait in the kernel backlog for the next one),
+    /// and closes only with [`Primary::close_listener`],
+    /// [`Primary::disconnect_all`] or the `Primary`'s drop. Listening twice
+    /// on one address returns the same socket.
+    ///
+    /// [`Settings::listen_rules`]: super::Settings::listen_rules
+    pub fn listen(&mut self, addr: &str) -> io::Result<Address> {
+        let endpoint = Endpoint::parse(addr)?;
+        let key = format!("{}:0", endpoint.key());
+        // A socket a worker made on this key becomes the program's too.
+        let found = self
+            .find_prebound(&key, &endpoint, 0)
+            .or_else(|| self.keys.get(&key).copied());
+        let hid = match found {
+            Some(hid) => hid,
+            None => {
+                let backlog = self.settings.backlog.min(i32::MAX as u32) as i32;
+                let opts = shared::BindOptions {
+                    backlog,
+                    ..Default::default()
+                };
+                let (fd, address, unix) = shared::bind(&endpoint, None, &opts)?;
+                let what = address.to_string();
+                let policy = self.settings.policy;
+                self.add_handle(key, fd, address, unix, policy)
+                    .map_err(|e| shared::named_error(e, &what))?
+            }
+        };
+        self.pin(hid);
+        self.fit_policy(hid);
+        Ok(self.handles[&hid].address.clone())
+    }
+
+    // A program's socket nobody uses yet takes the policy the settings
+    // have now: one adopted in `new` got the policy of that moment.
+    fn fit_policy(&mut self, hid: u32) {
+        let want = self.settings.policy;
+        let Some(h) = self.handles.get_mut(&hid) else {
+            return;
+        };
+        if h.pinned && h.policy != want && h.workers.is_empty() && h.queue.is_empty() {
+            self.set_polling(hid, false);
+            if let Some(h) = self.handles.get_mut(&hid) {
+                h.policy = want;
+            }
+        }
+    }
+
+    /// Closes a socket of [`Primary::listen`] (or an inherited one): the
+    /// workers that were given it stop getting connections from it;
+    /// connections the primary accepted and did not hand out yet are
+    /// closed. `NotFound` when no open socket has this address.
+    pub fn close_listener(&mut self, address: &Address) -> io::Result<()> {
+        let hid = self
+            .handles
+            .iter()
+            .find(|(_, h)| &h.address == address)
+            .map(|(&hid, _)| hid)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("close of {address}: no listening socket has that address"),
+                )
+            })?;
+        self.close_handle(hid);
+        Ok(())
+    }
+
+    // Marks a handle as the program's: no accepting until a worker joins.
+    pub(super) fn pin(&mut self, hid: u32) {
+        let Some(h) = self.handles.get_mut(&hid) else {
+            return;
+        };
+        h.pinned = true;
+        h.orphaned_until = None;
+        if h.workers.is_empty() {
+            self.set_polling(hid, false);
+        }
+    }
+
+    // The program's socket that a listen on `endpoint` (its `index`-th on
+    // that endpoint, under `key`) gets, if any.
+    pub(super) fn find_prebound(&self, key: &str, endpoint: &Endpoint, index: u32) -> Option<u32> {
+        if let Some(&hid) = self.keys.get(key) {
+            if self.handles.get(&hid).is_some_and(|h| h.pinned) {
+                return Some(hid);
+            }
+        }
+        if index != 0 {
+            return None;
+        }
+        self.handles
+            .iter()
+            .filter(|(_, h)| h.pinned)
+            .find(|(_, h)| match (endpoint, &h.address) {
+                (Endpoint::Name(n), _) => h.name.as_deref() == Some(n.as_str()),
+                (Endpoint::Tcp(_, 0), _) => false,
+                (Endpoint::Tcp(Some(ip), port), Address::Tcp(a)) => {
+                    *a == std::net::SocketAddr::new(*ip, *port)
+                }
+                (Endpoint::Tcp(None, port), Address::Tcp(a)) => {
+                    a.ip().is_unspecified() && a.port() == *port
+                }
+                (Endpoint::Unix(p), Address::Unix(q)) => p == q,
+                _ => false,
+            })
+            .map(|(&hid, _)| hid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Settings;
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn a_prebound_socket_is_found_by_key_address_or_name_and_stays() {
+        let mut p = Primary::new(Settings::default()).unwrap();
+        let addr = p.listen("127.0.0.1:0").unwrap();
+        let Address::Tcp(sa) = addr.clone() else {
+            panic!("{addr:?}")
+        };
+        assert_ne!(sa.port(), 0);
+        // Listening again is the same socket; a busy port is refused, named.
+        assert_eq!(p.listen("127.0.0.1:0").unwrap(), addr);
+        assert_eq!(p.listen(&sa.to_string()).unwrap(), addr);
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = held.local_addr().unwrap().to_string();
+        let e = p.listen(&busy).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(e.to_string().contains(&format!("listen on {busy}")), "{e}");
+        let hid = p.keys["127.0.0.1:0:4:0"];
+        // A worker's port 0 on that host: the key. Its real port: the
+        // address. Another host, a second listen, an unknown name: no.
+        let find = |p: &Primary, ep: Endpoint, index: u32| {
+            let key = format!("{}:{index}", ep.key());
+            p.find_prebound(&key, &ep, index)
+        };
+        assert_eq!(find(&p, Endpoint::Tcp(Some(LOCAL), 0), 0), Some(hid));
+        assert_eq!(
+            find(&p, Endpoint::Tcp(Some(LOCAL), sa.port()), 0),
+            Some(hid)
+        );
+        assert_eq!(find(&p, Endpoint::Tcp(Some(LOCAL), sa.port()), 1), None);
+        assert_eq!(find(&p, Endpoint::Tcp(None, sa.port()), 0), None);
+        assert_eq!(find(&p, Endpoint::Name("web".into()), 0), None);
+        p.handles.get_mut(&hid).unwrap().name = Some("web".into());
+        assert_eq!(find(&p, Endpoint::Name("web".into()), 0), Some(hid));
+        // Its last worker leaving does not close it; the program does.
+        p.leave_handle(7, hid);
+        p.orphan_or_leave(7, hid);
+        assert!(p.handles.contains_key(&hid));
+        assert!(!p.handles[&hid].polling);
+        p.close_listener(&addr).unwrap();
+        assert!(p.handles.is_empty());
+        assert_eq!(
+            p.close_listener(&addr).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        let e = p.listen("fd:nope").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("fd:nope"), "{e}");
+    }
+
+    #[test]
+    fn an_unused_prebound_socket_takes_the_policy_of_the_settings() {
+        let mut p = Primary::new(Settings::default()).unwrap();
+        p.listen("127.0.0.1:0").unwrap();
+        let hid = p.keys["127.0.0.1:0:4:0"];
+        assert_eq!(p.handles[&hid].policy, Policy::RoundRobin);
+        p.settings_mut().policy = Policy::Shared;
+        p.listen("127.0.0.1:0").unwrap();
+        assert_eq!(p.handles[&hid].policy, Policy::Shared);
+        assert!(!p.handles[&hid].polling);
     }
 }

@@ -19,6 +19,24 @@
 //! | `policy.rs` | where workers may listen ([`ListenRules`]) |
 //! | `timers.rs` | deadlines: kills, pauses, orphans, hangs, stalls |
 //! | `event_loop.rs` | `next_event`: epoll, signals, frames from workers |
+//! | `upgrade.rs` | inherited sockets (systemd, an upgrade) and the binary upgrade |
+//!
+//! # The program's own sockets
+//!
+//! [`Primary::listen`] binds before any worker is forked, so that a port in
+//! use is an error at startup. [`Primary::new`] adopts the listening sockets
+//! this process inherited: systemd's socket activation (`LISTEN_FDS` for
+//! this pid, with `LISTEN_FDNAMES`) and a previous primary's binary upgrade
+//! (`SYNCLUSTER_UPGRADE_FDS`, see [`Primary::upgrade`]). Each must be a
+//! listening stream socket; anything else fails `new` with an error naming
+//! the fd. A worker's `listen()` on a matching address, or on `fd:NAME`
+//! for an inherited socket's name, gets that socket instead of a new bind
+//! (see [`Primary::listen`] for what matches). These sockets are the
+//! program's: they stay open when their last worker leaves, until
+//! [`Primary::close_listener`], [`Primary::disconnect_all`] (a stop: new
+//! connections are refused rather than left in a backlog nobody accepts
+//! from) or the drop of the `Primary`. systemd's and the upgrade's
+//! variables never reach a worker.
 //!
 //! # Trust
 //!
@@ -30,7 +48,10 @@
 //!   [`Settings::gid`] is set, then [`ListenRules::unprivileged`]: no port
 //!   below 1024, no Unix path outside listed directories. A denied request
 //!   fails the worker's `listen()` with `PermissionDenied` naming the
-//!   address; the worker is not killed.
+//!   address; the worker is not killed. The program's own sockets
+//!   ([`Primary::listen`], inherited ones) are offered whatever the rules:
+//!   binding port 80 in the primary for unprivileged workers is what they
+//!   are for. A worker gets them, never anything more.
 //! - **Unix socket files** are removed through the directory fd kept since
 //!   bind, and only while the entry is still the socket bound (same device
 //!   and inode): never a file a worker swapped in, never through a symlink
@@ -90,6 +111,7 @@ mod policy;
 mod round_robin;
 pub(crate) mod shared;
 mod timers;
+mod upgrade;
 mod workers;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -106,6 +128,10 @@ use self::handles::Handle;
 pub use self::policy::{ListenRules, TcpRule};
 use self::round_robin::Conn;
 pub use self::shared::Address;
+pub(crate) use self::upgrade::UPGRADE_VARS;
+pub use self::upgrade::{
+    DEFAULT_UPGRADE_TIMEOUT, ENV_UPGRADE_FDS, ENV_UPGRADE_PID, ENV_UPGRADE_READY,
+};
 use self::workers::Slot;
 pub use self::workers::{ExitStatus, State, WorkerInfo};
 pub use crate::env::{ENV_CHANNEL_FD, ENV_RR_WINDOW, ENV_SCHED_POLICY, ENV_WORKER_ID};
@@ -115,7 +141,7 @@ use crate::signal::Signal;
 use crate::sys::{epoll, signal};
 
 /// Signals the primary turns into events instead of dying of them.
-pub(crate) const SIGNALS: [i32; 8] = [
+pub(crate) const SIGNALS: [i32; 9] = [
     signal::SIGCHLD,
     signal::SIGTERM,
     signal::SIGINT,
@@ -123,6 +149,7 @@ pub(crate) const SIGNALS: [i32; 8] = [
     signal::SIGQUIT,
     signal::SIGTTIN,
     signal::SIGTTOU,
+    signal::SIGUSR1,
     signal::SIGUSR2,
 ];
 
@@ -362,6 +389,23 @@ pub enum Event {
     /// A worker held connections longer than the hang timeout without
     /// taking the next one; it is being killed.
     Hung(u32),
+    /// The new primary of a binary upgrade ([`Primary::upgrade`]) is
+    /// ready: every worker of it listens. This primary should now leave
+    /// the sockets to it ([`Primary::retire`]) and exit once its workers
+    /// are done. The new primary is no longer watched.
+    UpgradeReady {
+        /// The new primary.
+        pid: i32,
+    },
+    /// The binary upgrade failed: the new program exited, closed its
+    /// readiness pipe, or was not ready in time, and was killed and
+    /// reaped. Nothing changed for this primary, which goes on serving.
+    UpgradeFailed {
+        /// The new program's pid (gone now).
+        pid: i32,
+        /// What happened, and how it ended.
+        reason: String,
+    },
     /// An fd given to [`Primary::register`] is ready.
     Ready {
         /// The token it was registered with.
@@ -399,6 +443,8 @@ pub struct Primary {
     // Scratch buffers reused on the hot path.
     ids_buf: Vec<u8>,
     batch: Vec<(u32, Vec<Conn>)>,
+    /// Inherited sockets and binary upgrades.
+    deploy: upgrade::Deploy,
 }
 
 impl Primary {
@@ -408,6 +454,11 @@ impl Primary {
     /// other thread takes those signals (worker exits are seen through
     /// pidfds anyway; see the module docs). Dropping the `Primary` puts the
     /// signal mask back.
+    ///
+    /// The first `Primary` of a process adopts the listening sockets the
+    /// process inherited (see "The program's own sockets" in the module
+    /// docs); one that is not a listening stream socket, or a malformed
+    /// variable, is an `InvalidInput` error naming the variable and fd.
     pub fn new(settings: Settings) -> io::Result<Primary> {
         settings.validate()?;
         let old_mask = signal::block(&SIGNALS)?;
@@ -423,7 +474,7 @@ impl Primary {
                 return Err(e);
             }
         };
-        Ok(Primary {
+        let mut p = Primary {
             settings,
             epoll,
             events_buf: epoll::Events::with_capacity(256),
@@ -443,7 +494,11 @@ impl Primary {
             init: crate::sys::process::getpid() == 1,
             ids_buf: Vec::with_capacity(4 * 64),
             batch: Vec::new(),
-        })
+            deploy: upgrade::Deploy::default(),
+        };
+        // On error `p` drops: the mask goes back, adopted fds close.
+        p.adopt_inherited()?;
+        Ok(p)
     }
 
     /// The settings future forks use.
@@ -543,8 +598,10 @@ impl Drop for Primary {
     /// found, in the calling thread. A signal that arrived since the last
     /// turn and was not read is then delivered with its own disposition,
     /// as if the primary had never blocked it. Workers are not touched: they
-    /// see their channel close and leave.
+    /// see their channel close and leave. A new primary whose upgrade is
+    /// still in progress is killed and reaped: nobody would retire for it.
     fn drop(&mut self) {
+        self.cancel_upgrade();
         self.handles.clear();
         let _ = signal::set_mask(&self.old_mask);
     }

@@ -171,6 +171,15 @@ pub(crate) fn bind(
             let address = inet(&fd, &v6.to_string())?;
             Ok((fd, address, None))
         }
+        // Only inherited sockets have names; `Primary::listen` and the
+        // worker queries look those up before they bind.
+        Endpoint::Name(n) => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            Named {
+                errno: Some(2), // ENOENT
+                text: format!("listen on fd:{n}: no socket was inherited under that name"),
+            },
+        )),
         Endpoint::Unix(path) => {
             let what = path.display().to_string();
             let fail = |e| named_error(e, &what);
@@ -276,6 +285,8 @@ pub(crate) struct UnixFile {
     dir: OwnedFd,
     name: OsString,
     file: fs::Stat,
+    /// False once handed to a successor (a binary upgrade): never removed.
+    ours: bool,
 }
 
 impl UnixFile {
@@ -307,7 +318,12 @@ impl UnixFile {
                 },
             ));
         }
-        Ok(UnixFile { dir, name, file })
+        Ok(UnixFile {
+            dir,
+            name,
+            file,
+            ours: true,
+        })
     }
 
     /// Adds permission `bits` to the socket file's mode (as libuv's
@@ -367,9 +383,19 @@ impl UnixFile {
     }
 }
 
+impl UnixFile {
+    /// Leaves the file in place: the socket now belongs to a new primary
+    /// (a binary upgrade), which serves on it.
+    pub(super) fn disown(mut self) {
+        self.ours = false;
+    }
+}
+
 impl Drop for UnixFile {
     fn drop(&mut self) {
-        let _ = self.remove();
+        if self.ours {
+            let _ = self.remove();
+        }
     }
 }
 

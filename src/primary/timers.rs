@@ -38,7 +38,12 @@ impl Primary {
             .values()
             .any(|h| h.policy == Policy::RoundRobin && !h.queue.is_empty() && !h.workers.is_empty())
             .then(|| Instant::now() + STALL);
-        kills.chain(paused).chain(hangs).chain(stalled).min()
+        kills
+            .chain(paused)
+            .chain(hangs)
+            .chain(stalled)
+            .chain(self.upgrade_deadline())
+            .min()
     }
 
     pub(super) fn on_timers(&mut self) {

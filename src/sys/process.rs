@@ -22,14 +22,17 @@ use libc::c_char;
 
 use super::{cvt, cvt_r};
 
-/// Most fds one [`spawn`] can map into the child.
-pub const MAX_FD_MAPPINGS: usize = 8;
+/// Most fds one [`spawn`] can map into the child: enough for a binary
+/// upgrade to pass every listening socket of a primary and its readiness
+/// pipe. The plan lives in fixed arrays on the parent's stack, copied
+/// before `fork`, so the child allocates nothing.
+pub const MAX_FD_MAPPINGS: usize = 128;
 
 /// Mapped targets must be below this. The child parks its temporary
-/// duplicates just above the highest target (not at a fixed 64, which a
+/// duplicates just above the highest target (not at a fixed 256, which a
 /// process under `ulimit -n 64` could not reach), so a temporary can never
 /// be a target.
-const TMP_FD_BASE: RawFd = 64;
+const TMP_FD_BASE: RawFd = 256;
 
 /// `CLOSE_RANGE_CLOEXEC` from `<linux/close_range.h>` (Linux 5.11); older
 /// `libc` releases do not export it.
@@ -389,7 +392,7 @@ impl FdPlan {
         let is_target = plan.is_target;
         let mut next: libc::c_uint = 3;
         for (fd, _) in is_target.iter().enumerate().skip(3).filter(|(_, t)| **t) {
-            let fd = fd as libc::c_uint; // < 64
+            let fd = fd as libc::c_uint; // < TMP_FD_BASE
             if fd > next {
                 plan.push_gap(next, fd - 1);
             }
@@ -400,7 +403,8 @@ impl FdPlan {
     }
 
     fn push_gap(&mut self, first: libc::c_uint, last: libc::c_uint) {
-        // At most 8 targets make at most 9 gaps, so the slot always exists.
+        // At most MAX_FD_MAPPINGS targets make at most one gap more, so
+        // the slot always exists.
         if let Some(slot) = self.gaps.get_mut(self.gaps_len) {
             *slot = (first, last);
             self.gaps_len += 1;
@@ -415,7 +419,7 @@ impl FdPlan {
 /// targets survive exec; everything else is made close-on-exec in the child.
 /// A source may be mapped to several targets. `InvalidInput` if there are
 /// more than [`MAX_FD_MAPPINGS`] entries, or a target is repeated or outside
-/// `0..64`.
+/// `0..256`.
 ///
 /// `InvalidInput` too for a plan with a uid and no gid.
 ///
@@ -518,7 +522,7 @@ pub fn spawn(plan: &SpawnPlan, fds: &[(BorrowedFd<'_>, RawFd)]) -> io::Result<i3
     }
 }
 
-/// Duplicates `fd` to the lowest free number >= 64 with
+/// Duplicates `fd` to the lowest free number >= `base` (above every target) with
 /// `fcntl(F_DUPFD_CLOEXEC)`, closing the original.
 fn dup_above_targets(fd: OwnedFd, base: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: `fd` is open and ours; F_DUPFD_CLOEXEC only creates a new fd.
@@ -703,7 +707,7 @@ fn child_after_fork(plan: &SpawnPlan, fds: &FdPlan, err_fd: RawFd, parent_pid: i
         *slot = fd;
     }
     for (tmp_fd, (_, target)) in tmp.iter().zip(fds.map.iter().take(fds.len)) {
-        // tmp >= 64 > target, so dup2 always clears FD_CLOEXEC on the target.
+        // tmp >= park > target, so dup2 always clears FD_CLOEXEC on the target.
         loop {
             // SAFETY: dup2 on fds of this (single-threaded) child; the
             // target is replaced atomically.
@@ -1034,9 +1038,12 @@ mod tests {
         let fd = null.as_fd();
         for bad in [
             vec![(fd, -1)],
-            vec![(fd, 64)],
+            vec![(fd, 256)],
             vec![(fd, 3), (fd, 3)],
             vec![(fd, 0); 9],
+            (3..3 + MAX_FD_MAPPINGS as RawFd + 1)
+                .map(|t| (fd, t))
+                .collect(),
         ] {
             let err = FdPlan::new(&bad).err().unwrap();
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{bad:?}");

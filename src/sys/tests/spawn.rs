@@ -118,8 +118,16 @@ fn bad_fd_maps_are_invalid_input() {
     let null = File::open("/dev/null").unwrap();
     let fd = null.as_fd();
     let p = plan("/bin/true", &["true"]);
-    let nine: Vec<(BorrowedFd<'_>, RawFd)> = (3..12).map(|t| (fd, t)).collect();
-    for bad in [&[(fd, -1)][..], &[(fd, 64)], &[(fd, 4), (fd, 4)], &nine] {
+    let too_many: Vec<(BorrowedFd<'_>, RawFd)> = (3..)
+        .take(process::MAX_FD_MAPPINGS + 1)
+        .map(|t| (fd, t))
+        .collect();
+    for bad in [
+        &[(fd, -1)][..],
+        &[(fd, 256)],
+        &[(fd, 4), (fd, 4)],
+        &too_many,
+    ] {
         let err = process::spawn(&p, bad).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
     }
