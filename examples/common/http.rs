@@ -565,6 +565,13 @@ const HELLO_BODY: &[u8] = b"hello world\n";
 
 fn respond_hello(out: &mut Vec<u8>, keep_alive: bool, head_only: bool) {
     out.extend_from_slice(HELLO_HEAD);
+    // Builds made to test binary upgrades say which build answered; the
+    // usual build sends the same bytes as the C servers it is compared with.
+    if let Some(id) = option_env!("HELLO_BUILD_ID") {
+        out.extend_from_slice(b"x-build: ");
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     out.extend_from_slice(if keep_alive {
         b"Connection: keep-alive\r\n\r\n"
     } else {
