@@ -351,6 +351,35 @@ impl Supervisor {
     /// With [`Config::pid_file`], the pid file is written first; an error
     /// writing it fails the start. A malformed `NOTIFY_SOCKET`,
     /// `WATCHDOG_USEC` or `WATCHDOG_PID` is an `InvalidInput` error naming it.
+    ///
+    /// ```no_run
+    /// use syncluster::supervisor::{Config, Notice, Supervisor};
+    /// use syncluster::Role;
+    ///
+    /// # fn main() -> std::io::Result<()> {
+    /// match syncluster::role()? {
+    ///     Role::Primary(mut primary) => {
+    ///         primary.listen("127.0.0.1:8080")?; // fails here, before any fork
+    ///         let mut config = Config::default();
+    ///         config.workers = 4;
+    ///         let mut sup = Supervisor::start(primary, config)?;
+    ///         // TERM/INT stop gracefully, HUP reloads, USR2 upgrades...
+    ///         while let Some(notice) = sup.next_event()? {
+    ///             if let Notice::Ready = notice {
+    ///                 eprintln!("all workers listen");
+    ///             }
+    ///         }
+    ///     }
+    ///     Role::Worker(worker) => {
+    ///         let listener = worker.listen("127.0.0.1:8080")?; // the pre-bound socket
+    ///         for stream in listener.incoming() {
+    ///             drop(stream?);
+    ///         }
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn start(mut primary: Primary, config: Config) -> io::Result<Supervisor> {
         let workers = config.workers.max(1);
         check_capacity(workers, primary.settings().stdio)?;
