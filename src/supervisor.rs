@@ -153,7 +153,8 @@ impl Default for Config {
 pub enum Notice {
     /// An event of the primary, passed through.
     Cluster(Event),
-    /// All initial workers listen (or are online, if they do not listen).
+    /// Every worker of the first generation listens (workers that never
+    /// listen never make it Ready).
     Ready,
     /// A worker died unexpectedly; a replacement is forked after `delay`.
     Respawning {
