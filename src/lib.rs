@@ -86,6 +86,8 @@ compile_error!(
 #[doc(hidden)]
 pub mod sys;
 
+/// The C API (`include/syncluster.h`): `extern "C"` functions over the public API.
+mod capi;
 mod env;
 pub mod ipc;
 pub mod primary;
