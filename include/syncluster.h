@@ -456,7 +456,8 @@ void sc_listener_close(sc_listener *listener);
 uint32_t sc_listener_id(const sc_listener *listener);
 
 /* Waits for the next connection and stores it in *fd: a plain connected,
- * blocking, close-on-exec socket the caller owns (and closes). Returns 0;
+ * blocking, close-on-exec socket the caller owns (and closes); a client
+ * that reset it meanwhile shows as EOF or ECONNRESET on it. Returns 0;
  * -ECONNABORTED once the worker is disconnecting and the connections
  * already handed over were taken; -EAGAIN in non-blocking mode when none
  * is ready. Other events that arrive meanwhile wait for

@@ -333,10 +333,17 @@ fn c_basics_errors_settings_fork_failures_and_exit_statuses() {
 }
 
 #[test]
-fn c_messages_carry_fds_both_ways_and_untaken_fds_are_closed() {
+fn c_messages_carry_fds_both_ways_untaken_fds_are_closed_and_unix_sockets_listen() {
     let b = built();
     let out = run_ok(capi_test(b, "capi_test", "fds"));
     assert_eq!(out.trim(), "ok fds");
+}
+
+#[test]
+fn c_supervisor_callback_uses_the_primary_refuses_its_events_and_stops() {
+    let b = built();
+    let out = run_ok(capi_test(b, "capi_test", "supervisor"));
+    assert_eq!(out.trim(), "ok supervisor");
 }
 
 #[test]
@@ -406,7 +413,7 @@ fn c_worker_death_requeues_the_connection_in_flight_then_stops_gracefully() {
 #[test]
 fn c_api_under_valgrind_has_no_leak_and_no_invalid_access() {
     let b = built();
-    for mode in ["basics", "fds"] {
+    for mode in ["basics", "fds", "supervisor"] {
         let out = run_ok(valgrind(b, mode));
         assert_eq!(out.trim(), format!("ok {mode}"));
     }

@@ -299,7 +299,14 @@ pub unsafe extern "C" fn sc_listener_accept(l: *mut ScListener, fd: *mut c_int) 
         if fd.is_null() {
             return Err(invalid("fd is NULL"));
         }
-        let (stream, _peer) = l.accept()?;
+        // `incoming` rather than `accept`: no getpeername per connection
+        // (the caller has the fd to ask). It ends once disconnecting.
+        let stream = l.incoming().next().unwrap_or_else(|| {
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the worker is disconnecting: no more connections",
+            ))
+        })?;
         let raw = into_raw_conn(stream)?;
         // SAFETY: checked not NULL; writable by the caller's promise.
         unsafe { put(fd, raw, "fd") }?;

@@ -2,7 +2,10 @@
  *
  *   capi_test basics   errors, settings, forks of /bin/sh, exit statuses
  *   capi_test fds      messages with fds both ways; fd ownership; the fd +
- *                      non-blocking step on both sides; graceful disconnect
+ *                      non-blocking step on both sides; a Unix socket
+ *                      listener; graceful disconnect
+ *   capi_test supervisor  sc_supervisor_run: what the callback may and may
+ *                      not do, messages through sc_supervisor_primary, a stop
  *   capi_test cluster  2 workers on 127.0.0.1:0 (round robin). Worker 1
  *                      listens and never accepts; the primary kills it as
  *                      soon as a connection is in flight to it, and worker 2
@@ -26,6 +29,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "syncluster.h"
@@ -262,6 +267,31 @@ static void fds_worker(sc_worker *w) {
     CHECK(sc_worker_send(w, "back", 4, back, 2) == 0);
     close(back[0]);
     close(back[1]);
+    /* A Unix socket listener: connect to it ourselves, accept the other end. */
+    {
+        const char *dir = getenv("CAPI_UNIX_DIR");
+        char path[200];
+        sc_listener *l;
+        int c, fd;
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        CHECK(dir && strlen(dir) < 100);
+        snprintf(path, sizeof path, "%s/sock", dir);
+        CHECK(sc_worker_listen(w, path, 0, &l) == 0);
+        strcpy(sa.sun_path, path);
+        CHECK((c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) >= 0);
+        CHECK(connect(c, (struct sockaddr *)&sa, sizeof sa) == 0);
+        CHECK(write(c, "ping", 4) == 4);
+        close(c);
+        CHECK(sc_listener_accept(l, &fd) == 0);
+        struct sockaddr_un me;
+        socklen_t len = sizeof me;
+        CHECK(getsockname(fd, (struct sockaddr *)&me, &len) == 0 && me.sun_family == AF_UNIX);
+        CHECK(cloexec(fd));
+        read_text(fd, "ping");
+        close(fd);
+        sc_listener_close(l);
+        CHECK(sc_worker_send(w, "unix ok", 7, NULL, 0) == 0);
+    }
     /* The fd + non-blocking step, as a foreign loop would: until DISCONNECT. */
     int fd = sc_worker_fd(w);
     CHECK(fd > 2 && cloexec(fd));
@@ -288,8 +318,13 @@ static void fds_worker(sc_worker *w) {
 static void fds_primary(sc_primary *p) {
     sc_event ev = SC_EVENT_INIT;
     uint32_t id;
+    char dir[] = "/tmp/capi-test-XXXXXX", env[64], sock[64];
+    CHECK(mkdtemp(dir));
+    snprintf(env, sizeof env, "CAPI_UNIX_DIR=%s", dir);
+    snprintf(sock, sizeof sock, "%s/sock", dir);
+    const char *vars[] = {env};
     CHECK(sc_primary_set_exec(p, self) == 0);
-    CHECK(sc_primary_fork(p, &id) == 0 && id == 1);
+    CHECK(sc_primary_fork_env(p, vars, 1, &id) == 0 && id == 1);
     int online[] = {SC_EVENT_ONLINE, 0};
     expect(p, &ev, online);
     int r = pipe_with("to worker");
@@ -312,10 +347,20 @@ static void fds_primary(sc_primary *p) {
     CHECK(is_open(mine) && !is_open(dropped));
     read_text(mine, "to primary");
     close(mine);
+    int listening[] = {SC_EVENT_LISTENING, 0};
+    expect(p, &ev, listening);
+    CHECK(ev.id == id && !strcmp(ev.text, sock));
+    int message[] = {SC_EVENT_MESSAGE, 0};
+    expect(p, &ev, message);
+    CHECK(ev.len == 7 && !memcmp(ev.data, "unix ok", 7));
     CHECK(sc_primary_disconnect(p, id, 5000) == 0);
     int exit_kind[] = {SC_EVENT_EXIT, 0};
     expect(p, &ev, exit_kind);
     CHECK(ev.id == id && ev.exit_code == 0 && ev.term_signal == 0 && ev.after_disconnect == 1);
+    /* The primary removed the socket file once the last listener closed. */
+    struct stat st;
+    CHECK(stat(sock, &st) == -1 && errno == ENOENT);
+    CHECK(rmdir(dir) == 0);
     CHECK(sc_primary_next_event(p, -1, &ev) == 0);
     sc_event_clear(&ev);
     sc_primary_free(p);
@@ -411,12 +456,92 @@ static void cluster_primary(sc_primary *p) {
     printf("done\n");
 }
 
+/* --------------------------------------------------------- supervisor */
+
+static void supervisor_worker(sc_worker *w) {
+    sc_listener *l;
+    sc_event ev = SC_EVENT_INIT;
+    CHECK(sc_worker_listen(w, "127.0.0.1:0", 0, &l) == 0);
+    for (;;) {
+        CHECK(sc_worker_next_event(w, -1, &ev) == 1);
+        if (ev.kind == SC_EVENT_DISCONNECT) break;
+        if (ev.kind == SC_EVENT_MESSAGE) {
+            char reply[64];
+            int n = snprintf(reply, sizeof reply, "echo %.*s", (int)ev.len, (const char *)ev.data);
+            CHECK(sc_worker_send(w, reply, (size_t)n, NULL, 0) == 0);
+        }
+    }
+    sc_event_clear(&ev);
+    sc_listener_close(l);
+    sc_worker_free(w);
+}
+
+struct seen {
+    int ready, echoes, stopping, exits, forks;
+};
+
+static void on_notice(sc_supervisor *s, sc_event *ev, void *user) {
+    struct seen *seen = (struct seen *)user;
+    sc_primary *p = sc_supervisor_primary(s);
+    sc_event other = SC_EVENT_INIT;
+    uint32_t ids[8];
+    CHECK(p != NULL);
+    switch (ev->kind) {
+    case SC_EVENT_FORK:
+        seen->forks++;
+        break;
+    case SC_EVENT_READY:
+        seen->ready++;
+        CHECK(sc_supervisor_target(s) == 2);
+        /* The supervisor takes the primary's events: pulling them is refused. */
+        CHECK_ERR(sc_primary_next_event(p, 0, &other), -EBUSY);
+        CHECK_ERR(sc_primary_try_next_event(p, &other), -EBUSY);
+        CHECK(strstr(sc_last_error_message(), "supervisor"));
+        CHECK_ERR(sc_supervisor_run(p, NULL, NULL, NULL), -EBUSY);
+        sc_primary_free(p); /* ignored while the supervisor runs it */
+        CHECK(sc_primary_policy(p) == SC_POLICY_RR);
+        CHECK(sc_primary_fd(p) > 2);
+        CHECK(sc_primary_worker_ids(p, ids, 8) == 2);
+        for (int i = 0; i < 2; i++) CHECK(sc_primary_send(p, ids[i], "hi", 2, NULL, 0) == 0);
+        break;
+    case SC_EVENT_MESSAGE:
+        CHECK(ev->len == 7 && !memcmp(ev->data, "echo hi", 7));
+        if (++seen->echoes == 2) CHECK(sc_supervisor_stop(s) == 0);
+        break;
+    case SC_EVENT_STOPPING:
+        CHECK(ev->graceful == 1);
+        seen->stopping++;
+        break;
+    case SC_EVENT_EXIT:
+        CHECK(ev->after_disconnect == 1 && ev->exit_code == 0);
+        seen->exits++;
+        break;
+    case SC_EVENT_RESPAWNING:
+    case SC_EVENT_ERROR:
+        fprintf(stderr, "unexpected event %d: %s\n", ev->kind, ev->text ? ev->text : "");
+        exit(1);
+    }
+}
+
+static void supervisor_primary(sc_primary *p) {
+    sc_supervisor_config config = SC_SUPERVISOR_CONFIG_INIT;
+    struct seen seen = {0, 0, 0, 0, 0};
+    config.workers = 2;
+    config.graceful_timeout_ms = 5000;
+    CHECK(sc_primary_set_exec(p, self) == 0);
+    /* Returns once the stop finished; p is freed. */
+    CHECK(sc_supervisor_run(p, &config, on_notice, &seen) == 0);
+    CHECK(seen.forks == 2 && seen.ready == 1 && seen.echoes == 2 && seen.stopping == 1 &&
+          seen.exits == 2);
+    printf("ok supervisor\n");
+}
+
 int main(int argc, char **argv) {
     sc_primary *p;
     sc_worker *w;
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc != 2) {
-        fprintf(stderr, "usage: capi_test basics|fds|cluster\n");
+        fprintf(stderr, "usage: capi_test basics|fds|supervisor|cluster\n");
         return 2;
     }
     CHECK(realpath(argv[0], self));
@@ -428,6 +553,9 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "fds")) {
         if (w) fds_worker(w);
         else fds_primary(p);
+    } else if (!strcmp(argv[1], "supervisor")) {
+        if (w) supervisor_worker(w);
+        else supervisor_primary(p);
     } else if (!strcmp(argv[1], "cluster")) {
         if (w) cluster_worker(w);
         else cluster_primary(p);
