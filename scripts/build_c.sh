@@ -4,6 +4,7 @@
 #   target/release/libsyncluster.a, target/release/libsyncluster.so
 #   target/c/hello        examples/c/hello.c: the hello cluster, blocking workers
 #   target/c/uv_worker    examples/c/uv_worker.c: workers inside a libuv loop
+#   target/c/readme       examples/c/readme.c: the README's 30-line example
 #   target/c/syncluster.pc  pkg-config file pointing at this tree
 # Needs a C compiler, pkg-config and libuv's headers
 # (Debian: apt-get install -y gcc pkg-config libuv1-dev).
@@ -40,6 +41,7 @@ sed -e "s|@PREFIX@|$ROOT|" -e "s|@INCLUDEDIR@|$ROOT/include|" \
 PRIVATE=$(PKG_CONFIG_PATH="$OUT" pkg-config --libs-only-l --static syncluster | sed 's/-lsyncluster//')
 CFLAGS=(-std=c99 -O2 -g -Wall -Wextra -Werror -Iinclude)
 "${CC:-cc}" "${CFLAGS[@]}" -o "$OUT/hello" examples/c/hello.c "$LIB/libsyncluster.a" $PRIVATE
+"${CC:-cc}" "${CFLAGS[@]}" -o "$OUT/readme" examples/c/readme.c "$LIB/libsyncluster.a" $PRIVATE
 "${CC:-cc}" "${CFLAGS[@]}" $(pkg-config --cflags libuv) -o "$OUT/uv_worker" examples/c/uv_worker.c \
     "$LIB/libsyncluster.a" $(pkg-config --libs libuv) $PRIVATE
-echo "built $OUT/hello $OUT/uv_worker (static) and $OUT/syncluster.pc" >&2
+echo "built $OUT/hello $OUT/uv_worker $OUT/readme (static) and $OUT/syncluster.pc" >&2

@@ -6,8 +6,9 @@
 //! changed), then run against real clients; the test program also runs
 //! under valgrind.
 //!
-//! Needs gcc, g++, pkg-config, libuv's headers and valgrind; a missing one
-//! fails the test with the `apt-get install` line that brings it.
+//! Needs gcc, g++, binutils (nm, readelf), pkg-config, libuv's headers and
+//! valgrind; a missing one fails the test with the `apt-get install` line
+//! that brings it.
 //!
 //! Valgrind runs with `--trace-children=yes`: the workers are exec'd copies
 //! of the test program, and their side of the API (events, accept,
@@ -27,7 +28,7 @@ use std::time::{Duration, SystemTime};
 
 use hello::*;
 
-const PACKAGES: &str = "apt-get install -y gcc g++ pkg-config libuv1-dev valgrind";
+const PACKAGES: &str = "apt-get install -y gcc g++ binutils pkg-config libuv1-dev valgrind";
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// The exact answer of examples/common/http.rs to a `Connection: close` GET.
@@ -85,6 +86,8 @@ fn built() -> &'static Built {
             ("c++", "g++"),
             ("pkg-config", "pkg-config"),
             ("valgrind", "valgrind"),
+            ("nm", "binutils"),
+            ("readelf", "binutils"),
         ]
         .into_iter()
         .filter(|(tool, _)| Command::new(tool).arg("--version").output().is_err())
@@ -230,6 +233,16 @@ fn built() -> &'static Built {
             "cc",
             &out.join("uv_worker"),
             &[&uv_c, &common, &header, &static_lib],
+            &args,
+        );
+        let readme_c = PathBuf::from(format!("{ROOT}/examples/c/readme.c"));
+        let mut args = warn("-std=c99");
+        args.extend([s(&readme_c), s(&static_lib)]);
+        args.extend(private.iter().cloned());
+        compile(
+            "cc",
+            &out.join("readme"),
+            &[&readme_c, &header, &static_lib],
             &args,
         );
         Built { lib_dir, out }
@@ -515,6 +528,44 @@ fn c_hello_supervisor_replaces_a_killed_worker_and_bad_flags_exit_2() {
         err.contains("--workers \"zero\"") && err.contains("usage:"),
         "{err}"
     );
+}
+
+// ------------------------------------------------------------- readme.c
+
+#[test]
+fn the_readme_c_example_is_in_the_docs_and_serves_until_sigterm() {
+    let b = built();
+    let doc = std::fs::read_to_string(format!("{ROOT}/docs/c-api.md")).unwrap();
+    let example = std::fs::read_to_string(format!("{ROOT}/examples/c/readme.c")).unwrap();
+    assert!(
+        doc.contains(&format!("```c\n{example}```")),
+        "docs/c-api.md must hold examples/c/readme.c verbatim"
+    );
+    let mut cmd = Command::new(b.bin("readme"));
+    cmd.arg("127.0.0.1:0");
+    let mut r = Hello::launch(cmd);
+    let mut listens: Vec<String> = (0..2).filter_map(|_| r.line(START)).collect();
+    listens.sort();
+    assert_eq!(listens.len(), 2, "stderr: {}", r.stderr());
+    let addr = listens[0].rsplit(' ').next().unwrap().to_string();
+    assert_eq!(listens[0], format!("worker 1 listens on {addr}"));
+    assert_eq!(listens[1], format!("worker 2 listens on {addr}"));
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(IO)).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("hello from worker "), "{text}");
+        seen.insert(text);
+    }
+    assert_eq!(seen.len(), 2, "round robin: {seen:?}");
+    r.signal("TERM");
+    let status = r.wait_exit(EXIT).expect("exit after SIGTERM");
+    assert!(status.success(), "{status:?}; stderr: {}", r.stderr());
+    let mut exits = r.lines(Duration::from_secs(2));
+    exits.sort();
+    assert_eq!(exits, ["worker 1 exited with 0", "worker 2 exited with 0"]);
 }
 
 // ---------------------------------------------------------- uv_worker.c
