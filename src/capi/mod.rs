@@ -22,6 +22,8 @@
 
 // Names follow the C header (`sc_event`, `sc_role`...).
 #![allow(non_camel_case_types)]
+// Each unsafe operation in its own block, with its own SAFETY comment.
+#![deny(unsafe_op_in_unsafe_fn)]
 
 mod event;
 mod primary;
@@ -422,13 +424,15 @@ const VERSION: c_uint = parse_u32(env!("CARGO_PKG_VERSION_MAJOR")) << 16
 /// `SYNCLUSTER_VERSION` of this library.
 #[no_mangle]
 pub extern "C" fn syncluster_version() -> c_uint {
-    VERSION
+    // Every entry point catches unwinding, even one that cannot panic.
+    panic::catch_unwind(|| VERSION).unwrap_or(0)
 }
 
 /// `SYNCLUSTER_VERSION_STRING` of this library, static.
 #[no_mangle]
 pub extern "C" fn syncluster_version_string() -> *const c_char {
-    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+    const VERSION_STRING: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+    panic::catch_unwind(|| VERSION_STRING.as_ptr().cast()).unwrap_or(VERSION_STRING.as_ptr().cast())
 }
 
 /// Descriptions made by `sc_strerror`, one per errno, kept for the life of
@@ -469,9 +473,12 @@ pub extern "C" fn sc_last_error_message() -> *const c_char {
     const EMPTY: &[u8] = b"\0";
     // The pointer stays valid until the slot is replaced: by the next
     // failure in this thread, which the header says ends its validity.
-    LAST_ERROR
-        .try_with(|l| l.borrow().as_ptr())
-        .unwrap_or(EMPTY.as_ptr().cast())
+    panic::catch_unwind(|| {
+        LAST_ERROR
+            .try_with(|l| l.borrow().as_ptr())
+            .unwrap_or(EMPTY.as_ptr().cast())
+    })
+    .unwrap_or(EMPTY.as_ptr().cast())
 }
 
 // ---------------------------------------------------------------- role

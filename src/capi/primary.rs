@@ -714,11 +714,12 @@ pub unsafe extern "C" fn sc_primary_worker_info(
 /// "rr" or "shared", static; NULL otherwise.
 #[no_mangle]
 pub extern "C" fn sc_policy_name(policy: c_int) -> *const c_char {
-    match policy {
+    std::panic::catch_unwind(|| match policy {
         SC_POLICY_RR => b"rr\0".as_ptr().cast(),
         SC_POLICY_SHARED => b"shared\0".as_ptr().cast(),
         _ => ptr::null(),
-    }
+    })
+    .unwrap_or(ptr::null())
 }
 
 /// The `sc_policy` for a name, or -EINVAL.
