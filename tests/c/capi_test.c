@@ -315,11 +315,20 @@ static void fds_worker(sc_worker *w) {
     sc_worker_free(w);
 }
 
+static char dir[] = "/tmp/capi-test-XXXXXX", sock[64];
+
+/* A failed check exits: the temporary directory goes too. */
+static void remove_dir(void) {
+    unlink(sock);
+    rmdir(dir);
+}
+
 static void fds_primary(sc_primary *p) {
     sc_event ev = SC_EVENT_INIT;
     uint32_t id;
-    char dir[] = "/tmp/capi-test-XXXXXX", env[64], sock[64];
+    char env[64];
     CHECK(mkdtemp(dir));
+    atexit(remove_dir);
     snprintf(env, sizeof env, "CAPI_UNIX_DIR=%s", dir);
     snprintf(sock, sizeof sock, "%s/sock", dir);
     const char *vars[] = {env};
@@ -360,7 +369,6 @@ static void fds_primary(sc_primary *p) {
     /* The primary removed the socket file once the last listener closed. */
     struct stat st;
     CHECK(stat(sock, &st) == -1 && errno == ENOENT);
-    CHECK(rmdir(dir) == 0);
     CHECK(sc_primary_next_event(p, -1, &ev) == 0);
     sc_event_clear(&ev);
     sc_primary_free(p);
