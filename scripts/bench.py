@@ -6,7 +6,9 @@ rounds, takes medians, prints and writes the table and an SVG chart.
 
 Servers: syncluster's hello (rr, shared), the plain C prefork server of
 scripts/prefork.c (shared, reuseport: the speed limit, no primary in the
-data path) and Node's cluster (rr, none) when node is installed."""
+data path), examples/c/hello.c on syncluster's C API (rr, shared; built
+by scripts/build_c.sh) and Node's cluster (rr, none) when node is
+installed."""
 import argparse
 import os
 import shutil
@@ -31,6 +33,7 @@ except (ValueError, AssertionError):
 MODES = ["keep-alive", "close"]
 HELLO = os.path.join(ROOT, "target/release/examples/hello")
 PREFORK = os.path.join(ROOT, "target/bench/prefork")
+C_HELLO = os.path.join(ROOT, "target/c/hello")
 NODE = shutil.which("node")
 OUT = os.path.join(ROOT, "target/bench")
 LIMIT = "c prefork shared"
@@ -40,6 +43,10 @@ if os.path.exists(PREFORK):
     IMPLS += [LIMIT, "c prefork reuseport"]
 else:
     print(f"{PREFORK} missing: skipping the C prefork server (scripts/bench.sh builds it)", file=sys.stderr)
+if os.path.exists(C_HELLO):
+    IMPLS += ["c syncluster rr", "c syncluster shared"]
+else:
+    print(f"{C_HELLO} missing: skipping the C hello (scripts/build_c.sh builds it)", file=sys.stderr)
 if NODE:
     IMPLS += ["node rr", "node none"]
 else:
@@ -54,6 +61,8 @@ def start(impl, workers):
         cmd = [HELLO, "--workers", str(workers), "--port", "0", "--policy", mode]
     elif kind == "c prefork":
         cmd = [PREFORK, str(workers), "0", mode]
+    elif kind == "c syncluster":
+        cmd = [C_HELLO, "--workers", str(workers), "--port", "0", "--policy", mode]
     else:
         cmd = [NODE, os.path.join(ROOT, "scripts/node_hello.js"), str(workers), str(free_port())]
         env["NODE_CLUSTER_SCHED_POLICY"] = mode
@@ -181,6 +190,7 @@ def platform_line():
 def write_svg(chart):
     colors = {"syncluster rr": "#2b6cb0", "syncluster shared": "#63b3ed",
               "c prefork shared": "#2f855a", "c prefork reuseport": "#9ae6b4",
+              "c syncluster rr": "#6b46c1", "c syncluster shared": "#b794f4",
               "node rr": "#c05621", "node none": "#f6ad55"}
     groups = []
     for label, impl, rps in chart:

@@ -93,6 +93,8 @@ compile_error!(
 #[allow(dead_code)]
 mod sys;
 
+/// The C API (`include/syncluster.h`): `extern "C"` functions over the public API.
+mod capi;
 mod env;
 #[allow(dead_code)]
 mod ipc;
