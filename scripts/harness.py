@@ -288,7 +288,9 @@ def parse_wrk(out):
         m = re.search(pattern, out)
         return conv(m.group(1)) if m else None
 
-    p50, p99 = re.search(r"50%\s+(\S+)", out), re.search(r"99%\s+(\S+)", out)
+    # Anchored: the stdev column ("97.50%") must not pass for the 50% line.
+    p50 = re.search(r"^\s*50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s*99%\s+(\S+)", out, re.M)
     try:
         p50, p99 = (ms(p50.group(1)) if p50 else None), (ms(p99.group(1)) if p99 else None)
     except (AttributeError, ValueError):

@@ -75,10 +75,16 @@ impl Hello {
     /// Runs `cmd` (hello, or something that execs it) and waits for the
     /// listening line.
     pub fn spawn(cmd: Command) -> Hello {
+        Hello::spawn_within(cmd, START)
+    }
+
+    /// [`Hello::spawn`] with its own deadline for the listening line (a
+    /// server under valgrind starts slowly).
+    pub fn spawn_within(cmd: Command, start: Duration) -> Hello {
         let mut hello = Hello::launch(cmd);
         // On panic here, `drop` still kills the tree.
         hello.listening = hello
-            .line(START)
+            .line(start)
             .unwrap_or_else(|| panic!("no listening line; stderr: {}", hello.stderr()));
         hello.port = listening_port(&hello.listening)
             .unwrap_or_else(|| panic!("not a listening line: {:?}", hello.listening));
