@@ -542,11 +542,11 @@ fn c_hello_supervisor_replaces_a_killed_worker_and_bad_flags_exit_2() {
 #[test]
 fn the_readme_c_example_is_in_the_docs_and_serves_until_sigterm() {
     let b = built();
-    let doc = std::fs::read_to_string(format!("{ROOT}/docs/c-api.md")).unwrap();
+    let doc = std::fs::read_to_string(format!("{ROOT}/README.md")).unwrap();
     let example = std::fs::read_to_string(format!("{ROOT}/examples/c/readme.c")).unwrap();
     assert!(
         doc.contains(&format!("```c\n{example}```")),
-        "docs/c-api.md must hold examples/c/readme.c verbatim"
+        "README.md's From C section must hold examples/c/readme.c verbatim"
     );
     let mut cmd = Command::new(b.bin("readme"));
     cmd.arg("127.0.0.1:0");
