@@ -558,12 +558,12 @@ impl Supervisor {
                 let _ = n.reloading();
             }
         }
+        self.recycle_yield_to_reload();
         let pending: Vec<u32> = self
             .primary
             .workers()
             .into_iter()
             .filter(|w| !w.exited_after_disconnect && w.state != State::Disconnected)
-            .filter(|w| !self.recycle.involves(w.id))
             .map(|w| w.id)
             .collect();
         self.out.push_back(Notice::Reloading);

@@ -406,3 +406,34 @@ fn a_worker_above_max_memory_is_replaced_and_the_others_are_not() {
     let lines = hello.stop();
     assert!(lines.iter().any(|l| l.starts_with("served {")), "{lines:?}");
 }
+
+/// SIGHUP while workers recycle: the reload leaves a recycle in progress
+/// to finish, no recycle starts during it, and no request fails.
+#[test]
+fn reloads_during_recycling_finish_and_fail_no_request() {
+    let hello = Hello::start(&["--workers", "2", "--max-requests", "100"]);
+    hello.wait_workers(2, START);
+    let load = Load::start(hello.port, 4, true, Duration::from_secs(20));
+    hello.wait_stderr("Recycled {", 2);
+    for i in 1..=3 {
+        hello.signal("HUP");
+        hello.wait_stderr("Reloaded", i);
+        thread::sleep(Duration::from_millis(100));
+    }
+    let t = load.finish();
+    let err = hello.stderr();
+    assert_eq!(t.failed, 0, "{t:?}\n{err}");
+    assert!(!err.contains("Failed"), "{err}");
+    assert_eq!(hello.stderr_count("Replaced {"), 6, "{err}");
+    // Between a Reloading and its Reloaded, no recycle begins.
+    let mut reloading = false;
+    for l in err.lines() {
+        match l {
+            "Reloading" => reloading = true,
+            "Reloaded" => reloading = false,
+            l if l.starts_with("Recycling {") => assert!(!reloading, "{l} during a reload\n{err}"),
+            _ => {}
+        }
+    }
+    hello.wait_workers(2, START);
+}

@@ -12,7 +12,8 @@
 //!   without answering is caught too.
 //! - One at a time: `Starting` (the replacement is forked, not listening
 //!   yet), then `Draining` (the old one is disconnected) until the old one
-//!   exited; only then the next. A replacement that dies, or does not
+//!   exited; only then the next. A reload during `Starting` takes over:
+//!   the replacement is disconnected, the reload replaces the old one. A replacement that dies, or does not
 //!   listen within `reload_timeout`, is a [`Notice::RecycleFailed`]; the
 //!   old worker goes back to the front of the queue after a backoff.
 //!
@@ -124,9 +125,8 @@ impl Recycler {
         }
     }
 
-    /// A recycle is replacing `id` or forked it as the replacement: a
-    /// rolling reload leaves both to it.
-    pub(super) fn involves(&self, id: u32) -> bool {
+    /// A recycle is replacing `id`, or forked it as the replacement.
+    fn involves(&self, id: u32) -> bool {
         self.current.as_ref().is_some_and(|c| {
             matches!(c.phase, Phase::Starting { .. }) && (c.old == id || c.new == id)
         })
@@ -157,6 +157,23 @@ impl Supervisor {
                 self.recycle.queue.push_back((id, reason));
             }
             _ => {}
+        }
+    }
+
+    /// A rolling reload begins: it replaces every worker, the one being
+    /// recycled too, and every worker after it must be forked after the
+    /// signal, so a replacement not listening yet is disconnected (it may
+    /// hold connections already: gracefully). A recycle draining its old
+    /// worker goes on; the next one waits for the reload's end.
+    pub(super) fn recycle_yield_to_reload(&mut self) {
+        if let Some(c) = self.recycle.current.as_ref() {
+            if let Phase::Starting { .. } = c.phase {
+                let new = c.new;
+                self.recycle.current = None;
+                let _ = self
+                    .primary
+                    .disconnect(new, Some(self.config.graceful_timeout));
+            }
         }
     }
 
