@@ -39,6 +39,9 @@
 //!   `disconnect_all [timeout_ms]` ; `unroute <id>`
 //! - `workers` → `workers <id>:<state>:<ead>:<inflight>,...` (state lowercase:
 //!   none|online|listening|disconnected|dead; empty list → `workers `)
+//! - `served` → `served <id>:<taken>:<requests or ->,...` (`WorkerInfo::taken`
+//!   and `requests`); `maxreq <id> <n|off>` (`Primary::set_max_requests`;
+//!   its event prints `event MaxRequests { id: .., count: .. }`)
 //! - `fds` → `fds <count of /proc/self/fd entries>` ; `rss` → `rss <VmRSS kB>` ;
 //!   `zombies` → `zombies <n>` (children of this pid in state Z, from /proc/*/stat)
 //! - `addresses` → `addresses <addr>,<addr>...` (primary.listening_addresses())
@@ -474,6 +477,26 @@ fn command(p: &mut Primary, extra: &mut Extra, line: &str) -> Result<Option<Stri
         }
         "unroute" => {
             p.unroute(num(words.next(), "id")?);
+            Ok(None)
+        }
+        "served" => {
+            let list: Vec<String> = p
+                .workers()
+                .iter()
+                .map(|w| match w.requests {
+                    Some(r) => format!("{}:{}:{r}", w.id, w.taken),
+                    None => format!("{}:{}:-", w.id, w.taken),
+                })
+                .collect();
+            Ok(Some(format!("served {}", list.join(","))))
+        }
+        "maxreq" => {
+            let id = num(words.next(), "id")?;
+            let limit = match words.next() {
+                Some("off") => None,
+                n => Some(num(n, "limit")?),
+            };
+            p.set_max_requests(id, limit).map_err(|e| e.to_string())?;
             Ok(None)
         }
         "workers" => {

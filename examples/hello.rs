@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example hello -- [--workers N] [--host H] [--port P] [--policy rr|shared]
 //!     [--pid-file F] [--log F] [--signals gunicorn|nginx]
+//!     [--max-requests N] [--max-requests-jitter J] [--max-memory MB]
 //! ```
 //!
 //! The primary binds HOST:PORT itself first (a port in use is exit 1 at
@@ -56,6 +57,7 @@ use syncluster::{Policy, Primary, Role, Worker};
 const USAGE: &str = "\
 usage: hello [--workers N] [--host H] [--port P] [--policy rr|shared]
              [--pid-file F] [--log F] [--signals gunicorn|nginx]
+             [--max-requests N] [--max-requests-jitter J] [--max-memory MB]
 
   --workers N     worker processes (default: the number of CPUs)
   --host H        address to listen on (default: 127.0.0.1)
@@ -71,6 +73,14 @@ usage: hello [--workers N] [--host H] [--port P] [--policy rr|shared]
                   and reopens it on SIGUSR1
   --signals S     gunicorn (default): TERM/INT graceful, QUIT immediate;
                   nginx: QUIT graceful, TERM/INT immediate
+  --max-requests N
+                  replace a worker once it served N requests (a new one
+                  listens first, then the old one finishes; one at a time)
+  --max-requests-jitter J
+                  each worker's limit is --max-requests plus a random 0 to J,
+                  so that workers do not recycle together (default 0)
+  --max-memory MB replace a worker whose resident memory is above MB
+                  megabytes (checked every second)
 
 signals: TERM/INT graceful stop, QUIT immediate stop (or as --signals says),
          HUP rolling reload, USR2 binary upgrade, USR1 reopen the log,
@@ -146,6 +156,10 @@ struct Options {
     pid_file: Option<PathBuf>,
     log: Option<PathBuf>,
     signals: StopSignals,
+    max_requests: Option<u64>,
+    max_requests_jitter: u64,
+    /// Bytes.
+    max_memory: Option<u64>,
 }
 
 impl Options {
@@ -179,6 +193,9 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
         pid_file: None,
         log: None,
         signals: StopSignals::Gunicorn,
+        max_requests: None,
+        max_requests_jitter: 0,
+        max_memory: None,
     };
     let mut args = args.map(|a| a.into_string().map_err(|a| format!("not UTF-8: {a:?}")));
     while let Some(arg) = args.next() {
@@ -240,6 +257,23 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
                     "nginx" => StopSignals::Nginx,
                     v => return Err(format!("--signals {v:?}: expected gunicorn or nginx")),
                 };
+            }
+            "--max-requests" | "--max-requests-jitter" | "--max-memory" => {
+                let v = value()?;
+                let n: u64 = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0 || flag == "--max-requests-jitter")
+                    .ok_or_else(|| format!("{flag} {v:?}: expected a number above 0"))?;
+                match flag.as_str() {
+                    "--max-requests" => opts.max_requests = Some(n),
+                    "--max-requests-jitter" => opts.max_requests_jitter = n,
+                    _ => {
+                        let bytes = n.checked_mul(1 << 20);
+                        opts.max_memory =
+                            Some(bytes.ok_or_else(|| format!("--max-memory {v:?}: too large"))?);
+                    }
+                }
             }
             _ => return Err(format!("unknown argument {flag:?}")),
         }
@@ -403,6 +437,9 @@ impl Cluster {
         config.upgrade_timeout = opts.upgrade_timeout;
         config.pid_file = opts.pid_file.clone();
         config.stop_signals = opts.signals;
+        config.max_requests = opts.max_requests;
+        config.max_requests_jitter = opts.max_requests_jitter;
+        config.max_memory = opts.max_memory;
         // Its workers log nothing of their own, and SIGUSR1 would end them.
         config.forward_usr1 = false;
         Ok(Cluster {

@@ -1035,6 +1035,77 @@ def scenario_upgrade_fail(args, rng):
     return fig, ok, details
 
 
+def recycle_run(keep_alive, seconds):
+    """wrk on 2 workers that recycle every 300 to 350 requests: a dict of
+    figures. A thread counts the live workers every 5 ms."""
+    srv = hello(2, extra=("--max-requests", "300", "--max-requests-jitter", "50"))
+    r = {"most": 0}
+    halt = threading.Event()
+
+    def census():
+        while not halt.is_set():
+            r["most"] = max(r["most"], len(srv.workers()))
+            time.sleep(0.005)
+
+    t = threading.Thread(target=census, daemon=True)
+    try:
+        first = set(srv.workers())
+        t.start()
+        wrk = upgrade_wrk(srv.port, seconds, keep_alive)
+        out, _ = wrk.communicate(timeout=seconds + 60)
+        halt.set()
+        t.join(5)
+        r["wrk"] = wrk_figures(out)
+        r["wrk_out"] = out
+        r["recycled"] = srv.err_count(r"^Recycled \{")
+        r["failed_recycles"] = srv.err_count(r"^RecycleFailed")
+        found = re.findall(r"^Recycling \{ id: \d+, reason: Requests \{ count: (\d+), limit: (\d+)",
+                           srv.stderr(), re.M)
+        r["counts"] = [int(c) for c, _ in found]
+        r["limits"] = [int(lim) for _, lim in found]
+        r["first_left"] = sorted(first & set(srv.workers()))
+        r["code"] = srv.stop()
+    finally:
+        halt.set()
+        srv.kill()
+    return r
+
+
+def scenario_recycle(args, rng):
+    """Workers recycled every 300 + 0..50 requests (--max-requests,
+    --max-requests-jitter) under wrk, Connection: close and keep-alive:
+    the replacement listens first, then the old worker drains; one at a
+    time."""
+    if not shutil.which("wrk"):
+        return "skipped: wrk not installed", False, []
+    seconds = 8
+    close = recycle_run(False, seconds)
+    keep = recycle_run(True, seconds)
+
+    def figure(r):
+        reqs, errs, non2xx = r["wrk"]
+        return (f"{reqs} requests, {errs} failed, {non2xx} non-200, {r['recycled']} recycles "
+                f"(limits {min(r['limits'], default=0)}-{max(r['limits'], default=0)}), "
+                f"at most {r['most']} workers at once")
+
+    def good(r):
+        reqs, errs, non2xx = r["wrk"]
+        return (reqs > 0 and errs == 0 and non2xx == 0 and r["recycled"] >= 4 and r["failed_recycles"] == 0
+                and r["most"] <= 3 and not r["first_left"] and r["code"] == 0)
+
+    details = []
+    for name, r in (("close", close), ("keep-alive", keep)):
+        details.append(f"{name}: wrk: " + " | ".join(l.strip() for l in r["wrk_out"].splitlines()
+                                                    if "requests in" in l or "errors" in l or "Non-2xx" in l))
+        details.append(f"{name}: recycle failures {r['failed_recycles']}, first workers left "
+                       f"{r['first_left']}, exit {r['code']}; count at the limit: median "
+                       f"{statistics.median(r['counts'] or [0]):.0f}, max {max(r['counts'], default=0)} "
+                       f"(reports come in batches of 16); requests per recycle "
+                       f"{r['wrk'][0] // max(r['recycled'], 1)} (one at a time: the others wait their turn)")
+    extra = [("worker recycling (--max-requests), keep-alive", figure(keep), "PASS" if good(keep) else "FAIL")]
+    return figure(close), good(close), details, extra
+
+
 SCENARIOS = [
     ("worker kills", "kills", scenario_kills),
     ("reload (SIGHUP x3)", "reload", scenario_reload),
@@ -1048,6 +1119,7 @@ SCENARIOS = [
     ("sole worker killed (extra)", "sole", scenario_sole_worker),
     ("binary upgrade (SIGUSR2 x3), close", "upgrade", scenario_upgrade),
     ("failing upgrade", "upgrade-fail", scenario_upgrade_fail),
+    ("worker recycling (--max-requests), close", "recycle", scenario_recycle),
 ]
 
 

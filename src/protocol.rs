@@ -12,6 +12,7 @@
 //! | Close | handle | empty | 0 |
 //! | Disconnect | 0 | empty | 0 |
 //! | ExitedAfterDisconnect | request id | empty (answered by Ack) | 0 |
+//! | Count | how many more | empty; flag [`REQUESTS`]: requests served, else connections taken from shared sockets | 0 |
 //! | User | 0 | user bytes | any |
 
 #![forbid(unsafe_code)]
@@ -24,6 +25,9 @@ use std::path::PathBuf;
 pub const REJECTED: u8 = 1;
 /// QueryReply flag: the payload is an error.
 pub const ERROR: u8 = 1;
+/// Count flag: the count is of requests the program served
+/// (`Worker::note_requests`), not of connections taken.
+pub const REQUESTS: u8 = 1;
 
 /// Options of a [`Query`], one bit each (Node's `serverQuery` fields).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -56,10 +56,32 @@
 //! acknowledgements are the heartbeat, so a blocking single-threaded worker
 //! needs no heartbeat thread.
 //!
+//! # Worker recycling
+//!
+//! As gunicorn's `max_requests`, without its 5xx: a worker that served
+//! [`Config::max_requests`] plus a random `0..=`[`Config::max_requests_jitter`]
+//! (drawn per worker at its fork, so workers do not recycle together), or
+//! whose resident memory is above [`Config::max_memory`] (its `VmRSS`,
+//! read from `/proc` every second), is replaced as in a rolling reload:
+//! [`Notice::Recycling`], the replacement is forked and listens first,
+//! then the old worker stops receiving connections and is disconnected
+//! gracefully ([`Notice::Recycled`]). One worker at a time (the next waits
+//! until the old one exited), never before the first generation is ready,
+//! nor during a reload, an upgrade or a stop. Requests are what the
+//! primary counts ([`Primary::set_max_requests`]): connections taken, or
+//! requests once the worker reports them
+//! ([`Worker::note_requests`](crate::Worker::note_requests)). A
+//! replacement that fails is reported ([`Notice::RecycleFailed`]); the old
+//! worker serves on and is tried again after a backoff.
+//!
 //! Users of the raw [`Primary::next_event`] API can build all of this
 //! themselves; the supervisor is only a policy.
 
 #![forbid(unsafe_code)]
+
+mod recycle;
+
+pub use self::recycle::RecycleReason;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -125,6 +147,16 @@ pub struct Config {
     /// that does not handle SIGUSR1 dies of it: turn this off for such
     /// workers.
     pub forward_usr1: bool,
+    /// Recycle a worker once it served this many requests (gunicorn's
+    /// `max_requests`; see "Worker recycling" in the module docs). Default
+    /// none.
+    pub max_requests: Option<u64>,
+    /// Each worker's limit is `max_requests` plus a random `0..=` this,
+    /// drawn at its fork (gunicorn's `max_requests_jitter`; default 0).
+    pub max_requests_jitter: u64,
+    /// Recycle a worker whose resident memory (`VmRSS`) is above this many
+    /// bytes, checked every second (default none).
+    pub max_memory: Option<u64>,
 }
 
 impl Default for Config {
@@ -142,6 +174,9 @@ impl Default for Config {
             upgrade_exec: None,
             pid_file: None,
             forward_usr1: true,
+            max_requests: None,
+            max_requests_jitter: 0,
+            max_memory: None,
         }
     }
 }
@@ -224,6 +259,26 @@ pub enum Notice {
     /// SIGUSR2 came while an upgrade was in progress (or during a stop): no
     /// second one was started.
     UpgradeRefused(String),
+    /// A worker is being recycled ([`Config::max_requests`] or
+    /// [`Config::max_memory`]): its replacement was forked.
+    Recycling {
+        /// The worker to retire.
+        id: u32,
+        /// Why.
+        reason: RecycleReason,
+    },
+    /// The replacement listens; the recycled worker stopped receiving
+    /// connections and is disconnecting gracefully.
+    Recycled {
+        /// The recycled worker.
+        old: u32,
+        /// Its replacement.
+        new: u32,
+    },
+    /// A recycle's replacement could not be forked, died before it
+    /// listened or did not listen in time (it was killed); the old worker
+    /// serves on and is tried again after a backoff.
+    RecycleFailed(String),
 }
 
 /// The pid file: written at start, `.oldbin` during an upgrade.
@@ -337,6 +392,7 @@ pub struct Supervisor {
     /// Handed over to this new primary by a binary upgrade.
     successor: Option<i32>,
     pid_file: Option<PidFile>,
+    recycle: recycle::Recycler,
 }
 
 impl Supervisor {
@@ -407,6 +463,7 @@ impl Supervisor {
             reloads: 0,
             successor: None,
             pid_file,
+            recycle: recycle::Recycler::new(),
         };
         for _ in 0..workers {
             if let Err(e) = s.fork_member(true) {
@@ -531,6 +588,7 @@ impl Supervisor {
                 let _ = n.reloading();
             }
         }
+        self.recycle_yield_to_reload();
         let pending: Vec<u32> = self
             .primary
             .workers()
@@ -739,6 +797,9 @@ impl Supervisor {
                 return;
             }
         }
+        if self.recycle_exit(id, after_disconnect) {
+            return;
+        }
         if after_disconnect {
             return;
         }
@@ -834,6 +895,7 @@ impl Supervisor {
             .chain(reload)
             .chain(self.stopping)
             .chain(self.watchdog.map(|w| w.1))
+            .chain(self.recycle_deadline())
             .min()
     }
 
@@ -854,6 +916,10 @@ impl Supervisor {
                     f.remove();
                 }
                 return self.failed.take().map_or(Ok(None), Err);
+            }
+            self.recycle_turn();
+            if !self.out.is_empty() {
+                continue;
             }
             let wait = self
                 .next_deadline()
@@ -885,6 +951,7 @@ impl Supervisor {
                 Event::UpgradeFailed { reason, .. } => Some(Err(reason.clone())),
                 _ => None,
             };
+            self.recycle_observe(&ev);
             self.out.push_back(Notice::Cluster(ev));
             let nginx = self.config.stop_signals == StopSignals::Nginx;
             match action {

@@ -32,8 +32,10 @@ use syncluster::Worker;
 
 /// Fault injection for hello's chaos tests (scripts/chaos.py), never set in
 /// normal use: `HELLO_FAULT=rogue:ID` makes worker ID write garbage to its
-/// channel, and `HELLO_FAULT=hang:ID` makes it block forever, each on its
-/// first connection. Every program on this server honours it.
+/// channel, `HELLO_FAULT=hang:ID` makes it block forever, and
+/// `HELLO_FAULT=grow:ID:MB` makes it keep MB megabytes more (touched, so
+/// resident), each on its first connection. Every program on this server
+/// honours it.
 fn inject_fault(worker: &Worker) {
     let Ok(spec) = std::env::var("HELLO_FAULT") else {
         return;
@@ -41,6 +43,7 @@ fn inject_fault(worker: &Worker) {
     let Some((what, id)) = spec.split_once(':') else {
         return;
     };
+    let (id, arg) = id.split_once(':').unwrap_or((id, ""));
     if id.parse::<u32>().ok() != Some(worker.id()) {
         return;
     }
@@ -53,6 +56,10 @@ fn inject_fault(worker: &Worker) {
         "hang" => loop {
             std::thread::sleep(Duration::from_secs(3600));
         },
+        "grow" => {
+            let mb: usize = arg.parse().unwrap_or(0);
+            std::mem::forget(vec![1u8; mb << 20]);
+        }
         _ => {}
     }
 }
@@ -199,6 +206,10 @@ impl<'w> Server<'w> {
             && (conn.interest == before
                 || worker.reregister(conn.fd(), token, conn.interest).is_ok());
         // Before a close: a request answered on its way out still counts.
+        if conn.answered > answered {
+            // For the primary's max_requests (keep-alive requests count).
+            worker.note_requests(conn.answered - answered);
+        }
         if let Some(f) = &mut self.on_request {
             for _ in answered..conn.answered {
                 f(worker);

@@ -55,6 +55,9 @@ pub enum Kind {
     ExitedAfterDisconnect = 9,
     /// Either way: generic acknowledgement of `seq`.
     Ack = 10,
+    /// Worker -> primary: `seq` more connections taken from shared
+    /// sockets, or requests served (a flag), since the last one.
+    Count = 11,
     /// User message: opaque bytes, never internal.
     User = 16,
 }
@@ -73,6 +76,7 @@ impl Kind {
             8 => Kind::Disconnect,
             9 => Kind::ExitedAfterDisconnect,
             10 => Kind::Ack,
+            11 => Kind::Count,
             16 => Kind::User,
             _ => return None,
         })
@@ -326,7 +330,7 @@ pub fn decode(
 mod tests {
     use super::*;
 
-    const ALL_KINDS: [Kind; 11] = [
+    const ALL_KINDS: [Kind; 12] = [
         Kind::Online,
         Kind::QueryServer,
         Kind::QueryReply,
@@ -337,6 +341,7 @@ mod tests {
         Kind::Disconnect,
         Kind::ExitedAfterDisconnect,
         Kind::Ack,
+        Kind::Count,
         Kind::User,
     ];
 
@@ -493,7 +498,7 @@ mod tests {
 
     #[test]
     fn unknown_kind() {
-        for k in [0u8, 11, 255] {
+        for k in [0u8, 12, 255] {
             let mut buf = frame(Kind::Ack, &[], 0);
             buf[2] = k;
             assert_eq!(

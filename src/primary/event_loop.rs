@@ -409,6 +409,10 @@ impl Primary {
                 self.unroute(id);
                 self.send_frame(id, Kind::Ack, 0, f.header.seq, &[], &[])
             }
+            Kind::Count => {
+                bare()?;
+                self.on_count(id, f.header.flags, f.header.seq)
+            }
             k => Err(invalid(format!("a worker may not send {k:?} frames"))),
         }
     }

@@ -109,6 +109,7 @@ mod event_loop;
 mod handles;
 mod policy;
 mod round_robin;
+mod served;
 pub(crate) mod shared;
 mod timers;
 mod upgrade;
@@ -389,6 +390,14 @@ pub enum Event {
     /// A worker held connections longer than the hang timeout without
     /// taking the next one; it is being killed.
     Hung(u32),
+    /// A worker reached the limit of [`Primary::set_max_requests`]: time
+    /// to replace it (the supervisor's `max_requests`). Once per worker.
+    MaxRequests {
+        /// The worker.
+        id: u32,
+        /// What it served: requests if it reports them, else connections.
+        count: u64,
+    },
     /// The new primary of a binary upgrade ([`Primary::upgrade`]) is
     /// ready: every worker of it listens. This primary should now leave
     /// the sockets to it ([`Primary::retire`]) and exit once its workers
@@ -555,6 +564,8 @@ impl Primary {
                 state: s.state,
                 exited_after_disconnect: s.exited_after_disconnect,
                 in_flight: s.in_flight.len(),
+                taken: s.served.taken,
+                requests: s.served.requests,
             })
             .collect()
     }

@@ -210,6 +210,7 @@ impl Primary {
         payload: &[u8],
     ) -> io::Result<()> {
         let slot = self.workers.get_mut(&id).ok_or_else(|| Self::gone(id))?;
+        let mut taken = 0;
         for cid in protocol::decode_ids(payload)? {
             let pos = slot
                 .in_flight
@@ -231,6 +232,10 @@ impl Primary {
                 }
             }
             // Accepted: `f` drops here and closes the primary's copy.
+            taken += 1;
+        }
+        if flags & REJECTED == 0 {
+            self.count_served(id, taken, 0, false);
         }
         // The reply freed room in this worker's window, which serves every
         // handle it listens on; rejected connections went back to `hid`.

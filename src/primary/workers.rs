@@ -89,6 +89,13 @@ pub struct WorkerInfo {
     pub exited_after_disconnect: bool,
     /// Connections handed to it and not yet accepted.
     pub in_flight: usize,
+    /// Connections it took: acknowledged (round robin) or reported by the
+    /// worker, in batches (shared).
+    pub taken: u64,
+    /// Requests it reported served
+    /// ([`Worker::note_requests`](crate::Worker::note_requests)); `None`
+    /// if it never did.
+    pub requests: Option<u64>,
 }
 
 /// A connection handed to a worker and not yet acknowledged.
@@ -121,6 +128,8 @@ pub(super) struct Slot {
     pub(super) pidfd: Option<OwnedFd>,
     /// Forked with `uid` or `gid` set: unprivileged listen rules by default.
     pub(super) unprivileged: bool,
+    /// What it served, for `max_requests`.
+    pub(super) served: super::served::Served,
 }
 
 impl Primary {
@@ -270,6 +279,7 @@ impl Primary {
                 grants: Vec::new(),
                 pidfd,
                 unprivileged,
+                served: Default::default(),
             },
         );
         self.events.push_back(Event::Fork(id));

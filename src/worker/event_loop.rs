@@ -36,6 +36,11 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a worker-initiated disconnect waits for the primary's ack.
 const DISCONNECT_ACK: Duration = Duration::from_secs(5);
 
+/// Counts for the primary (see `note_served`) go in one frame once this
+/// many are unsent, or once the last frame is `REPORT_AGE` old.
+const REPORT_BATCH: u64 = 16;
+const REPORT_AGE: Duration = Duration::from_millis(50);
+
 /// Everything the [`Worker`](super::Worker) and its listeners share: no
 /// threads, so a listener's `accept()` can read the channel and keep
 /// whatever else arrives for `next_event`.
@@ -63,6 +68,17 @@ pub(super) struct Inner {
     /// The extra fds the primary mapped (`SYNCLUSTER_FDS`), adopted at
     /// start, until the program takes them.
     mapped: Vec<(i32, Option<OwnedFd>)>,
+    /// Connections taken from shared sockets and requests the program
+    /// noted, not told to the primary yet, and when it was last told.
+    unsent: Unsent,
+}
+
+/// See `Inner::note_served`.
+#[derive(Debug)]
+struct Unsent {
+    conns: u64,
+    requests: u64,
+    since: Instant,
 }
 
 /// What the primary answered a query: the handle, its policy, its address
@@ -154,6 +170,11 @@ impl Inner {
             ready_cursor: 0,
             counts: Arc::new(WorkerCount::default()),
             mapped,
+            unsent: Unsent {
+                conns: 0,
+                requests: 0,
+                since: Instant::now(),
+            },
         })
     }
 
@@ -589,6 +610,7 @@ impl Inner {
 
     // One epoll_wait over the channel, shared listeners and user fds.
     fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.report_served(false);
         if self.channel.as_ref().is_some_and(Channel::has_buffered) {
             // A blocking read may have pulled in more than one frame; epoll
             // would never report those.
@@ -730,6 +752,7 @@ impl Inner {
                 if l.max.is_some() {
                     self.sync_listener(idx);
                 }
+                self.note_served(1, 0);
                 Some(stream)
             }
             Err(e) if accept_retry(&e) => None,
@@ -741,6 +764,50 @@ impl Inner {
                 None
             }
         }
+    }
+
+    // ------------------------------------------------------------ counts
+
+    /// Counts connections taken from a shared socket (the primary sees
+    /// round-robin ones acknowledged) and requests the program served, for
+    /// the primary's `max_requests`. Batched: a frame once `REPORT_BATCH`
+    /// are unsent, or at the next turn of the loop once `REPORT_AGE`
+    /// passed since the last frame.
+    pub(super) fn note_served(&mut self, conns: u64, requests: u64) {
+        let u = &mut self.unsent;
+        u.conns = u.conns.saturating_add(conns);
+        u.requests = u.requests.saturating_add(requests);
+        let full = u.conns.saturating_add(u.requests) >= REPORT_BATCH;
+        self.report_served(full);
+    }
+
+    // Sends the unsent counts when `now`, or when they are old enough.
+    fn report_served(&mut self, now: bool) {
+        let u = &self.unsent;
+        if u.conns == 0 && u.requests == 0 || !now && u.since.elapsed() < REPORT_AGE {
+            return;
+        }
+        if self.channel.is_none() {
+            return;
+        }
+        for flags in [0, protocol::REQUESTS] {
+            let n = match flags {
+                0 => &mut self.unsent.conns,
+                _ => &mut self.unsent.requests,
+            };
+            let sent = (*n).min(u32::MAX as u64);
+            *n -= sent;
+            if sent > 0
+                && self
+                    .send(Kind::Count, flags, sent as u32, &[], &[])
+                    .is_err()
+            {
+                // As for an acknowledgement: the primary is gone.
+                self.close_channel();
+                return;
+            }
+        }
+        self.unsent.since = Instant::now();
     }
 
     // ------------------------------------------------------------ round robin
@@ -822,6 +889,7 @@ impl Inner {
     // Waits until the channel, this listener's socket (when it may accept)
     // or the waker is readable, or this listener's rest ends.
     fn block_for(&mut self, idx: usize) -> io::Result<()> {
+        self.report_served(false);
         let l = self.listener(idx);
         let rest = l.and_then(|l| l.resting_until);
         let mut fds: Vec<(BorrowedFd<'_>, i16)> = Vec::with_capacity(3);

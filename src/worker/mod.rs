@@ -227,6 +227,17 @@ impl Worker {
         self.inner.borrow().counts.open.load(Ordering::SeqCst)
     }
 
+    /// Tells the primary that this worker served `n` more requests (an HTTP
+    /// server calls it per answer, keep-alive ones included). The
+    /// supervisor's [`max_requests`](crate::supervisor::Config::max_requests)
+    /// then counts requests instead of connections taken. Batched, never
+    /// a frame per call: sent once 16 are pending, or on a later turn of
+    /// the worker's loop once 50 ms passed since the last report. After a
+    /// disconnect nothing is sent.
+    pub fn note_requests(&self, n: u64) {
+        self.inner.borrow_mut().note_served(0, n);
+    }
+
     /// Sends a user message to the primary (≈ `process.send`), with fds
     /// (up to 253), which the primary receives as its own close-on-exec
     /// duplicates. Blocks until written. After a disconnect the channel is

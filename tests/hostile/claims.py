@@ -28,6 +28,9 @@ the channel from SYNCLUSTER_CHANNEL_FD, says Online, and then, per mode:
                             the handle, reports "swapped"
     replace PATH            listens on PATH, replaces the socket file with a
                             plain file, closes the handle, reports "replaced"
+    count F:N:L ...         one Count frame (kind 11) per argument, with
+                            flags F, seq N and an L-byte payload, then
+                            reports "counted" (tests/recycle.rs)
 
 Every message it sends is a user message (kind 16). After its act it keeps
 reading the channel until the primary closes it (or it is killed).
@@ -41,7 +44,7 @@ import time
 
 MAGIC = 0x5343
 ONLINE, QUERY, REPLY, LISTENING, NEWCONN, CONNREPLY, CLOSE = 1, 2, 3, 4, 5, 6, 7
-DISCONNECT, EAD, ACK, USER = 8, 9, 10, 16
+DISCONNECT, EAD, ACK, COUNT, USER = 8, 9, 10, 11, 16
 ERROR_FLAG = 1
 
 ch = socket.socket(fileno=int(os.environ["SYNCLUSTER_CHANNEL_FD"]))
@@ -197,6 +200,11 @@ def main():
             f.write("not the primary's")
         send(CLOSE, hid)
         say("replaced")
+    elif mode == "count":
+        for spec in args:
+            flags, n, length = (int(x) for x in spec.split(":"))
+            ch.sendall(frame(COUNT, n, b"c" * length, 0, flags))
+        say("counted")
     else:
         say("unknown mode " + mode)
     drain_forever()
