@@ -1,7 +1,8 @@
 //! A hello-world HTTP/1.1 server on a syncluster cluster.
 //!
 //! ```text
-//! cargo run --release --example hello -- [--workers N] [--host H] [--port P] [--policy rr|shared]
+//! cargo run --release --example hello -- [--workers N] [--host H] [--port P]
+//!     [--policy rr|shared|reuseport|least-loaded]
 //! ```
 //!
 //! The primary forks one worker per CPU, prints
@@ -15,7 +16,9 @@
 //! keep-alive, pipelining, bodies read and discarded, bounded buffers with
 //! backpressure, and a read timeout (`HELLO_READ_TIMEOUT_MS`, default 10 s)
 //! so that a client that stalls, trickles, never reads or sends garbage
-//! costs only its own connection.
+//! costs only its own connection. `GET /work?ms=N` is a slow request: it
+//! blocks its worker N ms (at most 10000), serving nothing else meanwhile,
+//! then answers as any other request (see `common/http.rs`).
 //!
 //! Exit status:
 //! - 0: stopped by SIGTERM or SIGINT (or SIGQUIT), after printing `served`;
@@ -40,14 +43,20 @@ use syncluster::supervisor::{self, Notice, Supervisor};
 use syncluster::{Policy, Primary, Role, Worker};
 
 const USAGE: &str = "\
-usage: hello [--workers N] [--host H] [--port P] [--policy rr|shared]
+usage: hello [--workers N] [--host H] [--port P] [--policy rr|shared|reuseport|least-loaded]
 
   --workers N     worker processes (default: the number of CPUs)
   --host H        address to listen on (default: 127.0.0.1)
   --port P        port, 0 for any free one (default: 8000)
   --policy P      rr: the primary accepts and hands connections out in turn;
-                  shared: workers accept on a shared socket
+                  shared: workers accept on a shared socket;
+                  reuseport: each worker accepts on its own SO_REUSEPORT socket;
+                  least-loaded: the primary hands each connection to the
+                  worker holding the fewest
                   (default: $SYNCLUSTER_SCHED_POLICY, else rr)
+
+requests: GET /work?ms=N blocks the worker N ms (at most 10000), serving
+          nothing else meanwhile, then answers as any other request
 
 environment: HELLO_READ_TIMEOUT_MS  idle / header read timeout (default 10000)
              HELLO_HANG_TIMEOUT_MS  kill a worker that holds connections this long
@@ -161,7 +170,9 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
                 let v = value()?;
                 opts.policy = Some(
                     Policy::parse(&v)
-                        .ok_or_else(|| format!("--policy {v:?}: expected rr or shared"))?,
+                        .ok_or_else(|| {
+                            format!("--policy {v:?}: expected rr, shared, reuseport or least-loaded")
+                        })?,
                 );
             }
             _ => return Err(format!("unknown argument {flag:?}")),

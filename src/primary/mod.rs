@@ -86,7 +86,9 @@
 mod endpoints;
 mod event_loop;
 mod handles;
+mod least_loaded;
 mod policy;
+mod reuseport;
 mod round_robin;
 pub(crate) mod shared;
 mod timers;
@@ -387,6 +389,8 @@ pub struct Primary {
     /// fd number.
     offered: BTreeMap<i32, OwnedFd>,
     next_handle: u32,
+    /// The slots of each reuseport handle, by handle.
+    reuseport: BTreeMap<u32, reuseport::Group>,
     next_conn: u32,
     events: VecDeque<Event>,
     hang_timeout: Option<Duration>,
@@ -434,6 +438,7 @@ impl Primary {
             keys: HashMap::new(),
             offered: BTreeMap::new(),
             next_handle: 1,
+            reuseport: BTreeMap::new(),
             next_conn: 1,
             events: VecDeque::new(),
             hang_timeout: None,
@@ -549,8 +554,8 @@ impl Drop for Primary {
     }
 }
 
-/// Reads `SYNCLUSTER_SCHED_POLICY`: unset gives `None`; `rr` or `none`
-/// give the policy; anything else is an `InvalidInput` error naming it.
+/// Reads `SYNCLUSTER_SCHED_POLICY`: unset gives `None`; a name
+/// [`Policy::parse`] reads gives the policy; anything else is an `InvalidInput` error naming it.
 pub fn policy_from_env() -> io::Result<Option<Policy>> {
     match std::env::var_os(ENV_SCHED_POLICY) {
         None => Ok(None),
@@ -559,12 +564,13 @@ pub fn policy_from_env() -> io::Result<Option<Policy>> {
             None => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "{ENV_SCHED_POLICY}={:?}: expected rr or shared (none)",
+                    "{ENV_SCHED_POLICY}={:?}: expected {}",
                     Path::new(&v)
                         .as_os_str()
                         .as_bytes()
                         .escape_ascii()
-                        .to_string()
+                        .to_string(),
+                    Policy::EXPECTED
                 ),
             )),
         },
