@@ -135,13 +135,16 @@ impl<'w> Server<'w> {
             let wait = self.expire(Instant::now());
             // After expire: when it closed the last connection, the wait it
             // returns is for a stale timer, and nothing else may wake us.
-            if self.draining && self.live() == 0 {
-                return Ok(());
-            }
+            // Stopping with nothing open: the connections the stop drained
+            // from a listening socket come after the Disconnect; serve
+            // them before leaving.
+            let done = self.draining && self.live() == 0;
+            let wait = if done { Some(Duration::ZERO) } else { wait };
             match self.worker.next_event_timeout(wait)? {
                 Some(WorkerEvent::Connection { stream, .. }) => self.accept(stream),
                 Some(WorkerEvent::Ready { token, readiness }) => self.on_ready(token, readiness),
                 Some(WorkerEvent::Disconnect) => self.drain(),
+                None if done => return Ok(()),
                 Some(_) | None => {}
             }
         }

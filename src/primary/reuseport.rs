@@ -166,7 +166,11 @@ impl Primary {
             return;
         }
         g.slots[i].user = User::Retired;
-        if i > 0 && migrates() {
+        if migrates() {
+            let Some(i) = self.out_of_slot_zero(hid, i) else {
+                self.set_polling(hid, true);
+                return;
+            };
             // One sweep; the kernel moves the rest at the last close.
             self.accept_slot(hid, i, true);
             if let Some(s) = self.reuseport.get_mut(&hid).map(|g| g.slots.remove(i)) {
@@ -175,6 +179,24 @@ impl Primary {
             return;
         }
         self.set_polling(hid, true);
+    }
+
+    // Slot `i` is to close, but slot 0's socket is the handle's own fd:
+    // that one trades places with slot 1 first. The new index of slot `i`;
+    // `None` when it is the only slot.
+    fn out_of_slot_zero(&mut self, hid: u32, i: usize) -> Option<usize> {
+        if i > 0 {
+            return Some(i);
+        }
+        let (Some(h), Some(g)) = (self.handles.get_mut(&hid), self.reuseport.get_mut(&hid)) else {
+            return None;
+        };
+        let other = g.slots.get_mut(1)?.fd.take().expect("slots past 0 own their fd");
+        let old = std::mem::replace(&mut h.fd, other);
+        g.slots.swap(0, 1);
+        g.slots[1].fd = Some(old);
+        h.polling = g.slots[0].polled;
+        Some(1)
     }
 
     /// Reuseport: `accept_ready` on the slots no worker serves (retired;
