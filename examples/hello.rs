@@ -168,12 +168,9 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
             }
             "--policy" => {
                 let v = value()?;
-                opts.policy = Some(
-                    Policy::parse(&v)
-                        .ok_or_else(|| {
-                            format!("--policy {v:?}: expected rr, shared, reuseport or least-loaded")
-                        })?,
-                );
+                opts.policy = Some(Policy::parse(&v).ok_or_else(|| {
+                    format!("--policy {v:?}: expected rr, shared, reuseport or least-loaded")
+                })?);
             }
             _ => return Err(format!("unknown argument {flag:?}")),
         }

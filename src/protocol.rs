@@ -103,8 +103,11 @@ pub enum Policy {
     /// hands the queue to the others), and the socket of a worker that
     /// leaves is served by the primary in round robin until another worker
     /// takes the slot (or closed, where `net.ipv4.tcp_migrate_req` is 1,
-    /// the kernel then moving its queue). TCP only: a Unix socket, an
-    /// offered fd (`Primary::listen_fd`) and UDP are shared.
+    /// the kernel then moving its queue): after a scale down, or a rolling
+    /// reload (which starts each new worker before the old one leaves),
+    /// one slot's share goes through the primary until the next worker
+    /// comes. TCP only: a Unix socket, an offered fd (`Primary::listen_fd`)
+    /// and UDP are shared.
     ReusePort,
 }
 

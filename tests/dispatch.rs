@@ -39,7 +39,8 @@ fn get(port: u16, path: &str, timeout: Duration) -> (Outcome, Duration) {
     let started = Instant::now();
     let out = (|| {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+        let mut s =
+            TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
         s.set_read_timeout(Some(timeout)).unwrap();
         s.set_write_timeout(Some(timeout)).unwrap();
         let req = if path == "/" {
@@ -123,7 +124,10 @@ fn quick_beside_blocked(policy: &str, sequential: usize, burst: usize) -> Vec<Du
     }
     let (outcome, took) = work.join().unwrap();
     assert_eq!(outcome, Outcome::Ok, "{policy}: /work");
-    assert!(took >= Duration::from_millis(WORK_MS), "/work took {took:?}");
+    assert!(
+        took >= Duration::from_millis(WORK_MS),
+        "/work took {took:?}"
+    );
     times
 }
 
@@ -143,6 +147,39 @@ fn least_loaded_passes_over_a_blocked_worker_where_round_robin_waits_behind_it()
     assert!(
         waited > 0,
         "rr: no quick request waited behind the blocked worker: {rr:?}"
+    );
+}
+
+#[test]
+fn least_loaded_with_many_workers_spreads_and_passes_over_the_blocked_one() {
+    // Above four workers two are drawn at random for each connection.
+    let mut h = Hello::start(&["--workers", "6", "--policy", "least-loaded"]);
+    let (_, work) = block_one(&h, WORK_MS);
+    thread::sleep(Duration::from_millis(50));
+    for i in 0..30 {
+        let (outcome, took) = get(h.port, "/", Duration::from_secs(10));
+        assert_eq!(outcome, Outcome::Ok, "quick request {i}");
+        assert!(
+            took < Duration::from_millis(500),
+            "quick request {i} waited {took:?} behind the blocked worker"
+        );
+    }
+    assert_eq!(work.join().unwrap().0, Outcome::Ok);
+    let lines = h.stop();
+    let served = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("served "))
+        .unwrap_or_else(|| panic!("no served line: {lines:?}"));
+    // Sequential requests find every worker idle but the blocked one: the
+    // draws and the turns spread them.
+    let busy = served
+        .split(',')
+        .filter(|kv| !kv.ends_with(":0") && !kv.ends_with(":0}"))
+        .count();
+    eprintln!("least-loaded, 6 workers: served {served}");
+    assert!(
+        busy >= 4,
+        "30 requests went to {busy} of 6 workers: {served}"
     );
 }
 
@@ -311,7 +348,10 @@ fn reuseport_retired_slots_close_where_the_kernel_migrates() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "in the namespace:\n{text}");
-    assert!(text.contains("1 passed"), "the inner test did not run:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "the inner test did not run:\n{text}"
+    );
 }
 
 #[test]
@@ -326,7 +366,10 @@ fn reuseport_worker_killed_with_queued_connections_loses_none() {
         .collect();
     thread::sleep(Duration::from_millis(300));
     let waiting = clients.iter().filter(|c| !c.is_finished()).count();
-    assert!(waiting > 0, "no connection queued behind the blocked worker");
+    assert!(
+        waiting > 0,
+        "no connection queued behind the blocked worker"
+    );
     let killed_at = Instant::now();
     signal(blocked, "KILL");
     for (i, c) in clients.into_iter().enumerate() {

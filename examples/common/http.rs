@@ -16,13 +16,13 @@
 //! - time: the read timeout bounds idleness and the whole request head;
 //!   a body must keep arriving (the read timeout between bytes) and at
 //!   [`MIN_BODY_RATE`] on average, so a body that stalls or trickles is cut;
-//! `GET /work?ms=N` (N at most [`MAX_WORK_MS`]) is a slow request: it
-//! blocks the worker N ms, serving nothing else meanwhile, then answers as
-//! any other request does (a bad or missing N is a 400).
-//!
 //! - garbage: a malformed head is answered 400 (431, 501, 505) and closed,
 //!   including an HTTP/1.1 request without Host, two Host fields, and
 //!   control characters in a field value (RFC 9112 §3.2, RFC 9110 §5.5).
+//!
+//! `GET /work?ms=N` (N at most [`MAX_WORK_MS`]) is a slow request: it
+//! blocks the worker N ms, serving nothing else meanwhile, then answers as
+//! any other request does (a bad or missing N is a 400).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

@@ -81,12 +81,15 @@ impl Slot {
     /// Its rank now, with `pending` connections picked for it this turn.
     /// `force` (the final sweep before a disconnect) ignores blocking.
     pub(super) fn rank(&self, pending: usize, now: Instant, force: bool) -> Rank {
-        let stuck = !self.in_flight.is_empty()
-            && now.saturating_duration_since(self.progress) >= STUCK;
+        let stuck =
+            !self.in_flight.is_empty() && now.saturating_duration_since(self.progress) >= STUCK;
         let silent = self.load.busy && now.saturating_duration_since(self.load.heard) >= SILENT;
+        let in_flight = self.in_flight.len() + pending;
+        // Busy: one connection waits for it at a time.
+        let full = self.load.busy && in_flight >= 1;
         Rank {
-            blocked: !force && (stuck || silent),
-            count: u64::from(self.load.open) + (self.in_flight.len() + pending) as u64,
+            blocked: !force && (stuck || silent || full),
+            count: u64::from(self.load.open) + in_flight as u64,
         }
     }
 }

@@ -168,7 +168,8 @@ pub struct Settings {
     pub groups: Vec<u32>,
     /// Inherit or pipe worker stdout/stderr.
     pub stdio: Stdio,
-    /// Round robin or shared; [`role`](crate::role) takes the default from
+    /// Round robin, shared, least-loaded or reuseport (see [`Policy`]);
+    /// [`role`](crate::role) takes the default from
     /// `SYNCLUSTER_SCHED_POLICY`, else rr.
     pub policy: Policy,
     /// `listen(2)` backlog when the worker asks for none (511, as Node;

@@ -191,7 +191,12 @@ impl Primary {
         let (Some(h), Some(g)) = (self.handles.get_mut(&hid), self.reuseport.get_mut(&hid)) else {
             return None;
         };
-        let other = g.slots.get_mut(1)?.fd.take().expect("slots past 0 own their fd");
+        let other = g
+            .slots
+            .get_mut(1)?
+            .fd
+            .take()
+            .expect("slots past 0 own their fd");
         let old = std::mem::replace(&mut h.fd, other);
         g.slots.swap(0, 1);
         g.slots[1].fd = Some(old);
