@@ -90,10 +90,12 @@ pub enum Policy {
     /// that has room in its window; ties go round robin, and with more than
     /// four workers two random ones are compared (power of two choices).
     /// Workers report their open count on the acknowledgements they send
-    /// anyway, and a worker whose count fell with no acknowledgement due
-    /// sends a small report, at most every 2 ms. A worker that sits on a
-    /// connection handed to it without taking it (blocked on a slow
-    /// request) is passed over while another can take it.
+    /// anyway, and, back in their loop with nothing to do after taking a
+    /// connection or closing some, in a small report (at most one a
+    /// millisecond: no frame per request under load). A worker that sits on
+    /// a connection (blocked on a slow request) gets at most one more; then
+    /// connections wait in the primary for the first worker that can take
+    /// them.
     LeastLoaded,
     /// One `SO_REUSEPORT` socket per worker slot: each worker accepts on
     /// its own and the kernel spreads connections among them, so the

@@ -11,12 +11,15 @@
 //!
 //! A count cannot tell a worker blocked on a slow request from one busy
 //! with fast ones. A worker says when it is back in its loop with nothing
-//! to do (a load report, at most 1 ms after its last acknowledgement), so
-//! two signs of blocking pass a worker over:
+//! to do (a load report, at most 1 ms after its last acknowledgement), and
+//! these pass a worker over:
+//! - **busy, one waiting**: its last word was that it took a connection, and
+//!   a connection handed to it waits: a busy worker's window is one, so
+//!   that a worker that just began a slow request traps one connection at
+//!   most (an idle worker's is the full window);
 //! - **stuck**: connections handed over and none taken for [`STUCK`];
-//! - **silent**: its last word was that it took a connection, and nothing
-//!   came since for [`SILENT`] (a busy worker acknowledges all the time;
-//!   an idle one said so).
+//! - **silent**: busy, and nothing came since for [`SILENT`] (a busy worker
+//!   acknowledges all the time; an idle one said so).
 //!
 //! A worker passed over gets nothing until it speaks again: the connection
 //! waits in the primary's queue for the first worker that can take it,
