@@ -1,7 +1,8 @@
 //! A hello-world HTTP/1.1 server on a syncluster cluster.
 //!
 //! ```text
-//! cargo run --release --example hello -- [--workers N] [--host H] [--port P] [--policy rr|shared]
+//! cargo run --release --example hello -- [--workers N] [--host H] [--port P]
+//!     [--policy rr|shared|reuseport|least-loaded]
 //!     [--pid-file F] [--log F] [--signals gunicorn|nginx]
 //!     [--max-requests N] [--max-requests-jitter J] [--max-memory MB]
 //! ```
@@ -26,7 +27,9 @@
 //! keep-alive, pipelining, bodies read and discarded, bounded buffers with
 //! backpressure, and a read timeout (`HELLO_READ_TIMEOUT_MS`, default 10 s)
 //! so that a client that stalls, trickles, never reads or sends garbage
-//! costs only its own connection.
+//! costs only its own connection. `GET /work?ms=N` is a slow request: it
+//! blocks its worker N ms (at most 10000), serving nothing else meanwhile,
+//! then answers as any other request (see `common/http.rs`).
 //!
 //! Exit status:
 //! - 0: stopped by SIGTERM or SIGINT (or SIGQUIT), or handed over to a new
@@ -55,7 +58,7 @@ use syncluster::supervisor::{self, Notice, StopSignals, Supervisor};
 use syncluster::{Policy, Primary, Role, Worker};
 
 const USAGE: &str = "\
-usage: hello [--workers N] [--host H] [--port P] [--policy rr|shared]
+usage: hello [--workers N] [--host H] [--port P] [--policy rr|shared|reuseport|least-loaded]
              [--pid-file F] [--log F] [--signals gunicorn|nginx]
              [--max-requests N] [--max-requests-jitter J] [--max-memory MB]
 
@@ -66,7 +69,10 @@ usage: hello [--workers N] [--host H] [--port P] [--policy rr|shared]
                   under that name (systemd's FileDescriptorName=); with none
                   of the three, the one socket systemd passed, if it did
   --policy P      rr: the primary accepts and hands connections out in turn;
-                  shared: workers accept on a shared socket
+                  shared: workers accept on a shared socket;
+                  reuseport: each worker accepts on its own SO_REUSEPORT socket;
+                  least-loaded: the primary hands each connection to the
+                  worker holding the fewest
                   (default: $SYNCLUSTER_SCHED_POLICY, else rr)
   --pid-file F    write the primary's pid to F (F.oldbin during an upgrade)
   --log F         the primary appends its messages to F instead of stderr
@@ -85,6 +91,9 @@ usage: hello [--workers N] [--host H] [--port P] [--policy rr|shared]
 signals: TERM/INT graceful stop, QUIT immediate stop (or as --signals says),
          HUP rolling reload, USR2 binary upgrade, USR1 reopen the log,
          TTIN/TTOU one worker more/fewer
+
+requests: GET /work?ms=N blocks the worker N ms (at most 10000), serving
+          nothing else meanwhile, then answers as any other request
 
 environment: HELLO_READ_TIMEOUT_MS     idle / header read timeout (default 10000)
              HELLO_HANG_TIMEOUT_MS     kill a worker that holds connections this long
@@ -236,10 +245,9 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
             }
             "--policy" => {
                 let v = value()?;
-                opts.policy = Some(
-                    Policy::parse(&v)
-                        .ok_or_else(|| format!("--policy {v:?}: expected rr or shared"))?,
-                );
+                opts.policy = Some(Policy::parse(&v).ok_or_else(|| {
+                    format!("--policy {v:?}: expected rr, shared, reuseport or least-loaded")
+                })?);
             }
             "--listen" => {
                 let v = value()?;

@@ -2,13 +2,18 @@
 """Driver of scripts/bench.sh: runs every configuration in interleaved
 rounds, takes medians, prints and writes the table and an SVG chart.
 
-    python3 scripts/bench.py [--quick] [--workers 1,2,4]
+    python3 scripts/bench.py [--quick] [--workers 1,2,4] [--mixed]
 
-Servers: syncluster's hello (rr, shared), the plain C prefork server of
-scripts/prefork.c (shared, reuseport: the speed limit, no primary in the
-data path), examples/c/hello.c on syncluster's C API (rr, shared; built
-by scripts/build_c.sh) and Node's cluster (rr, none) when node is
-installed."""
+Servers: syncluster's hello (rr, shared, least-loaded, reuseport), the plain
+C prefork server of scripts/prefork.c (shared, reuseport: the speed limit, no
+primary in the data path), examples/c/hello.c on syncluster's C API (rr,
+shared; built by scripts/build_c.sh) and Node's cluster (rr, none) when node
+is installed.
+
+The mixed-load table (also in the full run; `--mixed` runs it alone): wrk
+with scripts/mixed.lua, `Connection: close`, 1 request in 200 blocking its
+worker 50 ms, at 2 and 4 workers; p50, p99, max and requests/s of every
+syncluster policy and Node's cluster, side by side."""
 import argparse
 import os
 import shutil
@@ -16,11 +21,14 @@ import statistics
 import sys
 import time
 
-from harness import CLK_TCK, ROOT, Server, cpu_ticks, free_port, rss_kb, run_wrk
+import re
+
+from harness import CLK_TCK, ROOT, Server, cpu_ticks, free_port, ms, rss_kb, run_wrk
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--quick", action="store_true", help="one round of 2 s runs (about 2 minutes)")
 ap.add_argument("--workers", default="1,2,4", help="comma-separated worker counts (default 1,2,4)")
+ap.add_argument("--mixed", action="store_true", help="only the mixed-load table (slow requests among fast ones)")
 ARGS = ap.parse_args()
 QUICK = ARGS.quick
 ROUNDS = 1 if QUICK else 3
@@ -38,7 +46,7 @@ NODE = shutil.which("node")
 OUT = os.path.join(ROOT, "target/bench")
 LIMIT = "c prefork shared"
 
-IMPLS = ["syncluster rr", "syncluster shared"]
+IMPLS = ["syncluster rr", "syncluster shared", "syncluster least-loaded", "syncluster reuseport"]
 if os.path.exists(PREFORK):
     IMPLS += [LIMIT, "c prefork reuseport"]
 else:
@@ -85,6 +93,14 @@ def run_wrk_mode(port, mode):
 
 def main():
     os.makedirs(OUT, exist_ok=True)
+    if ARGS.mixed:
+        text = "\n".join(mixed_table())
+        print(text)
+        with open(os.path.join(OUT, "mixed.md"), "w") as f:
+            f.write("# syncluster mixed-load benchmark\n\nProduced by `scripts/bench.sh --mixed"
+                    + (" --quick" if QUICK else "") + "`.\n\n" + text + "\n")
+        print(f"\nwrote {OUT}/mixed.md", file=sys.stderr)
+        return
     results = {}
     starts = {}
     rss = {}
@@ -167,6 +183,9 @@ def main():
         st = med(starts.get((impl, 8), []))
         kb = med(rss.get(impl, []))
         lines.append(f"| {impl} | {st * 1000:.0f} ms | {kb / 1024:.1f} MiB |" if kb else f"| {impl} | {st * 1000:.0f} ms | - |")
+    lines += reuseport_summary(results, med)
+    lines.append("")
+    lines += mixed_table()
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(OUT, "report.md"), "w") as f:
@@ -174,6 +193,88 @@ def main():
                 + (f" --workers {ARGS.workers}" if ARGS.workers != "1,2,4" else "") + "`.\n\n" + text + "\n")
     write_svg(chart)
     print(f"\nwrote {OUT}/report.md and {OUT}/throughput.svg", file=sys.stderr)
+
+
+def reuseport_summary(results, med):
+    """syncluster reuseport against the C prefork reuseport server, with
+    Connection: close: the ratio and the primary's CPU per connection."""
+    if "c prefork reuseport" not in IMPLS:
+        return []
+    lines = ["", "| workers | syncluster reuseport req/s | c prefork reuseport req/s | ratio "
+             "| primary CPU µs/conn |", "|---|---:|---:|---:|---:|"]
+    for workers in WORKERS:
+        ours = results.get(("syncluster reuseport", workers, "close"))
+        c = results.get(("c prefork reuseport", workers, "close"))
+        if not ours or not c:
+            continue
+        a, b = med([x[0] for x in ours]), med([x[0] for x in c])
+        cpu = med([x[5] for x in ours])
+        cpu_s = f"{cpu:.1f}" if cpu is not None else "-"
+        lines.append(f"| {workers} | {a:,.0f} | {b:,.0f} | {a / b:.2f} | {cpu_s} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# Mixed load: 1 request in 200 blocks its worker 50 ms (scripts/mixed.lua).
+
+MIXED_LUA = os.path.join(ROOT, "scripts/mixed.lua")
+MIXED_WORKERS = [2, 4]
+
+
+def mixed_impls():
+    impls = ["syncluster rr", "syncluster least-loaded", "syncluster shared", "syncluster reuseport"]
+    return impls + (["node rr", "node none"] if NODE else [])
+
+
+def run_mixed(port):
+    """(req/s, p50, p99, max in ms, errors) of one wrk run with mixed.lua."""
+    args = ["-t1", "-c32", f"-d{DURATION}s", "--latency", "-s", MIXED_LUA, f"http://127.0.0.1:{port}/"]
+    w, out = run_wrk(args, timeout=DURATION + 30)
+    top = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", out)
+    if w["rps"] is None or w["p99"] is None or not top:
+        with open(os.path.join(OUT, "wrk-failure.txt"), "a") as f:
+            f.write(f"port {port} mixed:\n{out}\n")
+        return 0.0, float("nan"), float("nan"), float("nan"), 1
+    return w["rps"], w["p50"], w["p99"], ms(top.group(1)), w["errors"]
+
+
+def mixed_table():
+    """Runs the mixed load over every server in interleaved rounds; the
+    table's lines (medians)."""
+    impls = mixed_impls()
+    configs = [(i, w) for w in MIXED_WORKERS for i in impls]
+    results = {}
+    total, n = ROUNDS * len(configs), 0
+    for r in range(ROUNDS):
+        for impl, workers in configs:
+            n += 1
+            print(f"[mixed {n}/{total}] round {r + 1}: {impl}, {workers} workers", file=sys.stderr)
+            srv = start(impl, workers)
+            time.sleep(0.2)
+            results.setdefault((impl, workers), []).append(run_mixed(srv.port))
+            srv.stop(timeout=15)
+
+    def med(xs):
+        xs = [x for x in xs if x == x]  # NaN: a failed run
+        return statistics.median(xs) if xs else float("nan")
+
+    lines = [f"Mixed load: wrk -t1 -c32 -d{DURATION}s -s scripts/mixed.lua (Connection: close, 1 request "
+             "in 200 is GET /work?ms=50, which blocks its worker 50 ms), median of "
+             f"{ROUNDS} interleaved round(s).", "",
+             "| workers | server | req/s | p50 ms | p99 ms | max ms | errors | p99 × rr | p99 × shared |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for workers in MIXED_WORKERS:
+        p99 = {i: med([x[2] for x in results[(i, workers)]]) for i in impls}
+        for impl in impls:
+            rs = results[(impl, workers)]
+            rps, p50, mx = med([x[0] for x in rs]), med([x[1] for x in rs]), med([x[3] for x in rs])
+            err = max(x[4] for x in rs)
+            lines.append(f"| {workers} | {impl} | {rps:,.0f} | {p50:.2f} | {p99[impl]:.2f} | {mx:.1f} | {err} "
+                         f"| {p99[impl] / p99['syncluster rr']:.2f} | {p99[impl] / p99['syncluster shared']:.2f} |")
+    lines.append("")
+    lines.append("Goal: least-loaded p99 ≤ 0.5 × rr's and ≤ 1.2 × shared's. The slow share stays under 1 % so "
+                 "that p99 measures how long fast requests wait behind a blocked worker.")
+    return lines
 
 
 def platform_line():
@@ -189,8 +290,9 @@ def platform_line():
 
 def write_svg(chart):
     colors = {"syncluster rr": "#2b6cb0", "syncluster shared": "#63b3ed",
+              "syncluster least-loaded": "#553c9a", "syncluster reuseport": "#b794f4",
               "c prefork shared": "#2f855a", "c prefork reuseport": "#9ae6b4",
-              "c syncluster rr": "#6b46c1", "c syncluster shared": "#b794f4",
+              "c syncluster rr": "#6b46c1", "c syncluster shared": "#d6bcfa",
               "node rr": "#c05621", "node none": "#f6ad55"}
     groups = []
     for label, impl, rps in chart:

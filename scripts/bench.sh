@@ -5,7 +5,9 @@
 #   scripts/bench.sh                      full run (about 12 minutes)
 #   scripts/bench.sh --quick              about 2 minutes
 #   scripts/bench.sh --workers 1,2,4,8    worker counts (default 1,2,4)
-# Writes target/bench/report.md and target/bench/throughput.svg.
+#   scripts/bench.sh --mixed              only the mixed-load table (slow requests)
+# Writes target/bench/report.md and target/bench/throughput.svg (--mixed:
+# target/bench/mixed.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v wrk >/dev/null; then

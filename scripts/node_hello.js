@@ -1,5 +1,6 @@
 // Node's cluster serving the same hello world as examples/hello.rs, for
 // side-by-side benchmarks. Policy from NODE_CLUSTER_SCHED_POLICY (rr|none).
+// GET /work?ms=N blocks the worker N ms, as hello's does (scripts/mixed.lua).
 // Usage: node scripts/node_hello.js WORKERS PORT
 'use strict';
 const cluster = require('cluster');
@@ -27,7 +28,11 @@ if (cluster.isPrimary) {
   process.on('SIGINT', stop);
 } else {
   let served = 0;
+  const sleeper = new Int32Array(new SharedArrayBuffer(4));
   const server = http.createServer((req, res) => {
+    // GET /work?ms=N blocks the worker N ms (at most 10000), as hello does.
+    const work = /^\/work\?ms=(\d{1,5})$/.exec(req.url);
+    if (work && +work[1] <= 10000) Atomics.wait(sleeper, 0, 0, +work[1]);
     res.writeHead(200, { 'Content-Type': 'text/plain', 'Content-Length': 12 });
     res.end('hello world\n');
   });

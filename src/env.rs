@@ -10,7 +10,8 @@ pub const ENV_CHANNEL_FD: &str = "SYNCLUSTER_CHANNEL_FD";
 /// `LISTEN_PID`), written by the child after fork: a process whose pid
 /// differs inherited them and is not a worker.
 pub const ENV_WORKER_PID: &str = "SYNCLUSTER_WORKER_PID";
-/// Chooses the policy: `rr` or `shared` (`none`, Node's name, also works).
+/// Chooses the policy: `rr`, `shared` (`none`, Node's name, also works),
+/// `least-loaded` or `reuseport`.
 pub const ENV_SCHED_POLICY: &str = "SYNCLUSTER_SCHED_POLICY";
 /// Sets the round-robin window (1 to 253).
 pub const ENV_RR_WINDOW: &str = "SYNCLUSTER_RR_WINDOW";

@@ -5,10 +5,10 @@
 //! |---|---|---|---|
 //! | Online | 0 | empty | 0 |
 //! | QueryServer | request id | [`Query`] (endpoint, index, backlog, [`QueryFlags`]) | 0 |
-//! | QueryReply | request id | ok: handle u32, policy u8, address; err: errno i32, message | shared: 1 |
+//! | QueryReply | request id | ok: handle u32, policy u8, address; err: errno i32, message | shared, reuseport: 1 |
 //! | Listening | handle | empty | 0 |
 //! | NewConn | handle | one u32 connection id per fd | n |
-//! | ConnReply | handle | u32 connection ids; flag [`REJECTED`] | 0 |
+//! | ConnReply | handle | flag [`LOAD`]: the worker's open connections u32; then u32 connection ids (none: a load report, the worker is back in its loop); flag [`REJECTED`] | 0 |
 //! | Close | handle | empty | 0 |
 //! | Disconnect | 0 | empty | 0 |
 //! | ExitedAfterDisconnect | request id | empty (answered by Ack) | 0 |
@@ -23,6 +23,11 @@ use std::path::PathBuf;
 
 /// ConnReply flag: the ids were rejected (re-route them), not accepted.
 pub const REJECTED: u8 = 1;
+/// ConnReply flag: the payload starts with the worker's count of open
+/// connections (u32), before the ids. With no ids it is a load report.
+pub const LOAD: u8 = 2;
+/// Every flag a ConnReply may carry.
+pub const REPLY_FLAGS: u8 = REJECTED | LOAD;
 /// QueryReply flag: the payload is an error.
 pub const ERROR: u8 = 1;
 /// Count flag: the count is of requests the program served
@@ -74,8 +79,9 @@ impl QueryFlags {
     }
 }
 
-/// How connections reach workers. Spelled `rr` and `shared` (Node's
-/// `none` is read as `shared` too, everywhere a policy is read).
+/// How connections reach workers. Spelled `rr`, `shared`, `least-loaded`
+/// and `reuseport` (Node's `none` is read as `shared` too, everywhere a
+/// policy is read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Policy {
@@ -83,24 +89,93 @@ pub enum Policy {
     RoundRobin,
     /// Workers accept on a shared listening socket (Node's `SCHED_NONE`).
     Shared,
+    /// The primary accepts and hands each connection to the worker holding
+    /// the fewest connections (open, plus handed over and not yet taken)
+    /// that has room in its window; ties go round robin, and with more than
+    /// four workers two random ones are compared (power of two choices).
+    /// Workers report their open count on the acknowledgements they send
+    /// anyway, and, back in their loop with nothing to do after taking a
+    /// connection or closing some, in a small report (at most one a
+    /// millisecond: no frame per request under load). A worker that sits on
+    /// a connection (blocked on a slow request) gets at most one more; then
+    /// connections wait in the primary for the first worker that can take
+    /// them.
+    LeastLoaded,
+    /// One `SO_REUSEPORT` socket per worker slot: each worker accepts on
+    /// its own and the kernel spreads connections among them, so the
+    /// primary spends nothing per connection. The primary keeps a copy of
+    /// every slot's socket: a worker that dies loses no queued connection
+    /// (its replacement takes the same socket, or after 250 ms the primary
+    /// hands the queue to the others), and the socket of a worker that
+    /// leaves is served by the primary in round robin until another worker
+    /// takes the slot (or closed, where `net.ipv4.tcp_migrate_req` is 1,
+    /// the kernel then moving its queue): after a scale down, or a rolling
+    /// reload (which starts each new worker before the old one leaves),
+    /// one slot's share goes through the primary until the next worker
+    /// comes. TCP only: a Unix socket, an offered fd (`Primary::listen_fd`)
+    /// and UDP are shared.
+    ReusePort,
 }
 
 impl Policy {
-    /// Reads `rr` (or `round-robin`), `shared` or `none`.
+    /// Reads `rr` (or `round-robin`), `shared` (or `none`), `least-loaded`
+    /// and `reuseport` (or `reuse-port`).
     pub fn parse(s: &str) -> Option<Policy> {
         match s {
             "rr" | "round-robin" => Some(Policy::RoundRobin),
             "none" | "shared" => Some(Policy::Shared),
+            "least-loaded" => Some(Policy::LeastLoaded),
+            "reuseport" | "reuse-port" => Some(Policy::ReusePort),
             _ => None,
         }
     }
 
-    /// `rr` or `shared`.
+    /// `rr`, `shared`, `least-loaded` or `reuseport`.
     pub fn name(self) -> &'static str {
         match self {
             Policy::RoundRobin => "rr",
             Policy::Shared => "shared",
+            Policy::LeastLoaded => "least-loaded",
+            Policy::ReusePort => "reuseport",
         }
+    }
+
+    /// The spellings [`Policy::parse`] reads, for error messages.
+    pub(crate) const EXPECTED: &'static str = "rr, shared (none), least-loaded or reuseport";
+
+    /// The primary accepts on the handle's socket and hands connections over.
+    pub(crate) fn primary_accepts(self) -> bool {
+        matches!(self, Policy::RoundRobin | Policy::LeastLoaded)
+    }
+
+    /// Connections may reach a worker in NewConn frames (reuseport: those
+    /// the primary takes from a slot no worker serves).
+    pub(crate) fn hands_over(self) -> bool {
+        !matches!(self, Policy::Shared)
+    }
+
+    /// The query reply carries a listening socket the worker accepts on.
+    pub(crate) fn worker_accepts(self) -> bool {
+        matches!(self, Policy::Shared | Policy::ReusePort)
+    }
+
+    fn to_wire(self) -> u8 {
+        match self {
+            Policy::RoundRobin => 0,
+            Policy::Shared => 1,
+            Policy::LeastLoaded => 2,
+            Policy::ReusePort => 3,
+        }
+    }
+
+    fn from_wire(b: u8) -> Option<Policy> {
+        Some(match b {
+            0 => Policy::RoundRobin,
+            1 => Policy::Shared,
+            2 => Policy::LeastLoaded,
+            3 => Policy::ReusePort,
+            _ => return None,
+        })
     }
 }
 
@@ -118,7 +193,7 @@ impl std::str::FromStr for Policy {
         Policy::parse(s).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("policy {s:?}: expected rr or shared (none)"),
+                format!("policy {s:?}: expected {}", Policy::EXPECTED),
             )
         })
     }
@@ -436,10 +511,7 @@ impl Query {
 pub fn encode_reply_ok(handle: u32, policy: Policy, address: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + address.len());
     out.extend_from_slice(&handle.to_le_bytes());
-    out.push(match policy {
-        Policy::RoundRobin => 0,
-        Policy::Shared => 1,
-    });
+    out.push(policy.to_wire());
     out.extend_from_slice(address.as_bytes());
     out
 }
@@ -447,16 +519,8 @@ pub fn encode_reply_ok(handle: u32, policy: Policy, address: &str) -> Vec<u8> {
 /// Decodes a successful QueryReply.
 pub fn decode_reply_ok(mut buf: &[u8]) -> io::Result<(u32, Policy, String)> {
     let handle = take_u32(&mut buf)?;
-    let policy = match take(&mut buf, 1)?[0] {
-        0 => Policy::RoundRobin,
-        1 => Policy::Shared,
-        _ => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "bad policy in query reply",
-            ))
-        }
-    };
+    let policy = Policy::from_wire(take(&mut buf, 1)?[0])
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad policy in query reply"))?;
     Ok((handle, policy, String::from_utf8_lossy(buf).into_owned()))
 }
 
@@ -508,7 +572,7 @@ pub fn encode_ids(ids: &[u32], out: &mut Vec<u8>) {
 }
 
 /// Decodes a list of u32 ids; a length that is not a multiple of 4 is `InvalidData`.
-pub fn decode_ids(buf: &[u8]) -> io::Result<impl Iterator<Item = u32> + '_> {
+pub fn decode_ids(buf: &[u8]) -> io::Result<impl ExactSizeIterator<Item = u32> + '_> {
     if buf.len() % 4 != 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -518,6 +582,28 @@ pub fn decode_ids(buf: &[u8]) -> io::Result<impl Iterator<Item = u32> + '_> {
     Ok(buf
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+}
+
+/// Encodes a ConnReply payload: the open count (with [`LOAD`]), then the ids.
+pub fn encode_conn_reply(load: Option<u32>, ids: &[u32], out: &mut Vec<u8>) {
+    if let Some(n) = load {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    encode_ids(ids, out);
+}
+
+/// Decodes a ConnReply payload: the open count when `flags` has [`LOAD`],
+/// and the ids. A short or ragged payload is `InvalidData`.
+pub fn decode_conn_reply(
+    flags: u8,
+    mut buf: &[u8],
+) -> io::Result<(Option<u32>, impl ExactSizeIterator<Item = u32> + '_)> {
+    let load = if flags & LOAD != 0 {
+        Some(take_u32(&mut buf)?)
+    } else {
+        None
+    };
+    Ok((load, decode_ids(buf)?))
 }
 
 #[cfg(test)]
@@ -648,5 +734,42 @@ mod tests {
         assert_eq!(back.kind(), io::ErrorKind::InvalidInput);
         assert_eq!(back.to_string(), "path too long");
         assert!(decode_ids(&[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn conn_reply_carries_the_load_before_the_ids() {
+        let mut out = Vec::new();
+        encode_conn_reply(Some(7), &[1, 2], &mut out);
+        let (load, ids) = decode_conn_reply(LOAD, &out).unwrap();
+        assert_eq!((load, ids.collect::<Vec<_>>()), (Some(7), vec![1, 2]));
+        // A load report: the count alone.
+        let mut out = Vec::new();
+        encode_conn_reply(Some(3), &[], &mut out);
+        let (load, ids) = decode_conn_reply(LOAD, &out).unwrap();
+        assert_eq!((load, ids.count()), (Some(3), 0));
+        // Without the flag the same bytes are ids.
+        let (load, ids) = decode_conn_reply(0, &out).unwrap();
+        assert_eq!((load, ids.collect::<Vec<_>>()), (None, vec![3]));
+        assert!(decode_conn_reply(LOAD, &[1, 0]).is_err());
+        assert!(decode_conn_reply(LOAD, &[1, 0, 0, 0, 9]).is_err());
+    }
+
+    #[test]
+    fn every_policy_round_trips_by_name_and_on_the_wire() {
+        for p in [
+            Policy::RoundRobin,
+            Policy::Shared,
+            Policy::LeastLoaded,
+            Policy::ReusePort,
+        ] {
+            assert_eq!(Policy::parse(p.name()), Some(p));
+            assert_eq!(p.name().parse::<Policy>().unwrap(), p);
+            let (h, back, addr) = decode_reply_ok(&encode_reply_ok(9, p, "1.2.3.4:5")).unwrap();
+            assert_eq!((h, back, addr.as_str()), (9, p, "1.2.3.4:5"));
+        }
+        assert_eq!(Policy::parse("none"), Some(Policy::Shared));
+        let e = "fastest".parse::<Policy>().unwrap_err();
+        assert!(e.to_string().contains("least-loaded or reuseport"), "{e}");
+        assert!(decode_reply_ok(&[1, 0, 0, 0, 4]).is_err());
     }
 }

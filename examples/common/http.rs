@@ -19,6 +19,10 @@
 //! - garbage: a malformed head is answered 400 (431, 501, 505) and closed,
 //!   including an HTTP/1.1 request without Host, two Host fields, and
 //!   control characters in a field value (RFC 9112 §3.2, RFC 9110 §5.5).
+//!
+//! `GET /work?ms=N` (N at most [`MAX_WORK_MS`]) is a slow request: it
+//! blocks the worker N ms, serving nothing else meanwhile, then answers as
+//! any other request does (a bad or missing N is a 400).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -87,6 +91,8 @@ pub const MIN_BODY_RATE: u64 = 1024; // bytes per second
 const KEEP_OUTPUT: usize = 4 * 1024;
 /// How long a closing connection may take to send its EOF (see `Phase`).
 const LINGER: Duration = Duration::from_secs(2);
+/// The longest `GET /work?ms=N`.
+pub const MAX_WORK_MS: u64 = 10_000;
 
 /// See [`Server::on_request`].
 type OnRequest<'w> = Box<dyn FnMut(&Worker) + 'w>;
@@ -320,6 +326,8 @@ struct Request {
     /// The body must be complete by then: the read timeout after the head,
     /// plus what the bytes received earned at `MIN_BODY_RATE`.
     body_deadline: Instant,
+    /// `/work?ms=N`: block this long before answering.
+    work: Option<Duration>,
 }
 
 struct Conn {
@@ -492,6 +500,10 @@ impl Conn {
                     break false;
                 }
                 let req = self.request.take().expect("checked above");
+                if let Some(work) = req.work {
+                    // The whole worker waits: that is the point.
+                    std::thread::sleep(work);
+                }
                 let keep_alive = req.keep_alive && !draining;
                 respond_hello(&mut self.output, keep_alive, req.head_only);
                 self.answered += 1;
@@ -522,6 +534,7 @@ impl Conn {
                         keep_alive: head.keep_alive,
                         head_only: head.head_only,
                         body_deadline: next_deadline,
+                        work: head.work,
                     });
                 }
             }
@@ -625,6 +638,7 @@ struct Head {
     head_only: bool,
     body: u64,
     expect_continue: bool,
+    work: Option<Duration>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -680,7 +694,8 @@ fn parse_lines(head: &[u8]) -> Result<Head, Status> {
     let mut lines = head
         .split(|&b| b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let (method, http11) = parse_request_line(lines.next().unwrap_or_default())?;
+    let (method, target, http11) = parse_request_line(lines.next().unwrap_or_default())?;
+    let work = work_of(target)?;
     let (mut close, mut keep_alive, mut expect_continue) = (false, false, false);
     let mut length: Option<u64> = None;
     let mut hosts = 0;
@@ -722,11 +737,30 @@ fn parse_lines(head: &[u8]) -> Result<Head, Status> {
         head_only: method == b"HEAD",
         body: length.unwrap_or(0),
         expect_continue: http11 && expect_continue,
+        work,
     })
 }
 
-/// `METHOD SP target SP HTTP/1.x`; returns the method and whether it is 1.1.
-fn parse_request_line(line: &[u8]) -> Result<(&[u8], bool), Status> {
+/// `/work?ms=N`: how long to block; any other target is plain hello.
+fn work_of(target: &[u8]) -> Result<Option<Duration>, Status> {
+    let Some(query) = target.strip_prefix(b"/work") else {
+        return Ok(None);
+    };
+    if !query.is_empty() && !query.starts_with(b"?") {
+        return Ok(None); // `/workers`, say
+    }
+    let ms = query
+        .strip_prefix(b"?ms=")
+        .filter(|n| !n.is_empty() && n.len() <= 5 && n.iter().all(u8::is_ascii_digit))
+        .and_then(|n| std::str::from_utf8(n).ok()?.parse::<u64>().ok())
+        .filter(|&ms| ms <= MAX_WORK_MS)
+        .ok_or(Status::BadRequest)?;
+    Ok(Some(Duration::from_millis(ms)))
+}
+
+/// `METHOD SP target SP HTTP/1.x`; returns the method, the target and
+/// whether it is 1.1.
+fn parse_request_line(line: &[u8]) -> Result<(&[u8], &[u8], bool), Status> {
     let mut parts = line.split(|&b| b == b' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -738,8 +772,8 @@ fn parse_request_line(line: &[u8]) -> Result<(&[u8], bool), Status> {
         return Err(Status::BadRequest);
     }
     match version {
-        b"HTTP/1.1" => Ok((method, true)),
-        b"HTTP/1.0" => Ok((method, false)),
+        b"HTTP/1.1" => Ok((method, target, true)),
+        b"HTTP/1.0" => Ok((method, target, false)),
         [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
             if major.is_ascii_digit() && minor.is_ascii_digit() =>
         {

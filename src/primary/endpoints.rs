@@ -64,10 +64,11 @@ impl Primary {
         backlog: i32,
     ) -> io::Result<(OwnedFd, Address, Option<UnixFile>, Policy)> {
         let udp = q.flags.contains(QueryFlags::UDP);
-        let policy = if udp {
-            Policy::Shared
-        } else {
-            self.settings.policy
+        let policy = match (udp, self.settings.policy, &q.endpoint) {
+            (true, ..) => Policy::Shared,
+            // One socket per slot needs an address to bind again.
+            (_, Policy::ReusePort, Endpoint::Unix(_) | Endpoint::Fd(_)) => Policy::Shared,
+            (_, p, _) => p,
         };
         if let Endpoint::Fd(n) = q.endpoint {
             let what = q.endpoint.describe();
@@ -103,7 +104,7 @@ impl Primary {
             backlog,
             udp,
             ipv6_only: q.flags.contains(QueryFlags::IPV6_ONLY),
-            reuse_port: false,
+            reuse_port: policy == Policy::ReusePort,
             add_mode,
         };
         let (fd, address, unix) = shared::bind(&q.endpoint, dir, &opts)?;

@@ -12,7 +12,7 @@ use super::workers::State;
 use super::{Event, Primary};
 use crate::ipc::channel::{Frame, Recv};
 use crate::ipc::wire::{Kind, HEADER_LEN};
-use crate::protocol::REJECTED;
+use crate::protocol::REPLY_FLAGS;
 use crate::readiness::Readiness;
 use crate::signal::Signal;
 use crate::sys::{epoll, signal};
@@ -379,7 +379,7 @@ impl Primary {
                 Ok(())
             }
             Kind::ConnReply => {
-                if f.header.flags & !REJECTED != 0 {
+                if f.header.flags & !REPLY_FLAGS != 0 {
                     return Err(invalid(format!(
                         "connection reply with unknown flags {:#x}",
                         f.header.flags

@@ -16,7 +16,7 @@ use super::shared::{self, Address, Named, UnixFile};
 use super::Primary;
 use crate::ipc::wire::Kind;
 use crate::protocol::{self, Endpoint, Policy, Query};
-use crate::sys::{self, epoll};
+use crate::sys::epoll;
 
 // errno values a refused query carries to the worker's `listen()`.
 const ENOENT: i32 = 2;
@@ -124,7 +124,7 @@ impl Primary {
             }
             Err(e) => return Err(e),
         }
-        if self.handles[&hid].policy == Policy::RoundRobin {
+        if self.handles[&hid].policy.hands_over() {
             self.distribute(hid, false);
         }
         Ok(())
@@ -229,8 +229,8 @@ impl Primary {
                     .map_err(|e| shared::named_error(e, &what))?
             }
         };
-        let shared_fd = if self.handles[&hid].policy == Policy::Shared {
-            match sys::fd::dup(self.handles[&hid].fd.as_fd()) {
+        let shared_fd = if self.handles[&hid].policy.worker_accepts() {
+            match self.worker_socket(hid, id, q) {
                 Ok(fd) => Some(fd),
                 Err(e) => {
                     if existing.is_none() {
@@ -287,7 +287,7 @@ impl Primary {
         policy: Policy,
     ) -> io::Result<u32> {
         let hid = self.next_handle;
-        let polling = policy == Policy::RoundRobin;
+        let polling = policy.primary_accepts();
         if polling {
             self.epoll
                 .add(fd.as_fd(), epoll::READABLE, TOKEN_HANDLE | hid as u64)?;
@@ -318,6 +318,7 @@ impl Primary {
     // Stops routing `hid` to worker `id`; the last worker out closes it
     // (as Node does), otherwise its queue goes to the others.
     pub(super) fn leave_handle(&mut self, id: u32, hid: u32) {
+        self.reuseport_release(hid, id, false);
         let Some(h) = self.handles.get_mut(&hid) else {
             return;
         };
@@ -337,6 +338,7 @@ impl Primary {
     // socket open, quiet, for its replacement.
     pub(super) fn orphan_or_leave(&mut self, id: u32, hid: u32) {
         let linger = self.settings.orphan_linger;
+        self.reuseport_release(hid, id, true);
         let Some(h) = self.handles.get_mut(&hid) else {
             return;
         };
@@ -366,6 +368,7 @@ impl Primary {
     }
 
     pub(super) fn close_handle(&mut self, hid: u32) {
+        self.reuseport_close(hid);
         let Some(h) = self.handles.remove(&hid) else {
             return;
         };
@@ -386,7 +389,10 @@ impl Primary {
         let Some(h) = self.handles.get_mut(&hid) else {
             return;
         };
-        if h.polling == on || h.policy != Policy::RoundRobin {
+        if h.policy == Policy::ReusePort {
+            return self.reuseport_set_polling(hid, on);
+        }
+        if h.polling == on || !h.policy.primary_accepts() {
             return;
         }
         let res = if on {

@@ -107,7 +107,9 @@
 mod endpoints;
 mod event_loop;
 mod handles;
+mod least_loaded;
 mod policy;
+mod reuseport;
 mod round_robin;
 mod served;
 pub(crate) mod shared;
@@ -194,7 +196,8 @@ pub struct Settings {
     pub groups: Vec<u32>,
     /// Inherit or pipe worker stdout/stderr.
     pub stdio: Stdio,
-    /// Round robin or shared; [`role`](crate::role) takes the default from
+    /// Round robin, shared, least-loaded or reuseport (see [`Policy`]);
+    /// [`role`](crate::role) takes the default from
     /// `SYNCLUSTER_SCHED_POLICY`, else rr.
     pub policy: Policy,
     /// `listen(2)` backlog when the worker asks for none (511, as Node;
@@ -440,6 +443,8 @@ pub struct Primary {
     /// fd number.
     offered: BTreeMap<i32, OwnedFd>,
     next_handle: u32,
+    /// The slots of each reuseport handle, by handle.
+    reuseport: BTreeMap<u32, reuseport::Group>,
     next_conn: u32,
     events: VecDeque<Event>,
     hang_timeout: Option<Duration>,
@@ -495,6 +500,7 @@ impl Primary {
             keys: HashMap::new(),
             offered: BTreeMap::new(),
             next_handle: 1,
+            reuseport: BTreeMap::new(),
             next_conn: 1,
             events: VecDeque::new(),
             hang_timeout: None,
@@ -618,8 +624,8 @@ impl Drop for Primary {
     }
 }
 
-/// Reads `SYNCLUSTER_SCHED_POLICY`: unset gives `None`; `rr` or `none`
-/// give the policy; anything else is an `InvalidInput` error naming it.
+/// Reads `SYNCLUSTER_SCHED_POLICY`: unset gives `None`; a name
+/// [`Policy::parse`] reads gives the policy; anything else is an `InvalidInput` error naming it.
 pub(crate) fn policy_from_env() -> io::Result<Option<Policy>> {
     match std::env::var_os(ENV_SCHED_POLICY) {
         None => Ok(None),
@@ -628,12 +634,13 @@ pub(crate) fn policy_from_env() -> io::Result<Option<Policy>> {
             None => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "{ENV_SCHED_POLICY}={:?}: expected rr or shared (none)",
+                    "{ENV_SCHED_POLICY}={:?}: expected {}",
                     Path::new(&v)
                         .as_os_str()
                         .as_bytes()
                         .escape_ascii()
-                        .to_string()
+                        .to_string(),
+                    Policy::EXPECTED
                 ),
             )),
         },

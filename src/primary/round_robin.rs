@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use super::handles::Handle;
+use super::least_loaded::Rank;
 use super::workers::InFlight;
 use super::Primary;
 use crate::ipc::wire::{self, Kind};
@@ -24,8 +25,8 @@ pub(super) const STALL: Duration = Duration::from_millis(20);
 /// Whether a worker can take a connection now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Avail {
-    /// Its window has room.
-    Room,
+    /// Its window has room; how loaded it is (least-loaded).
+    Room(Rank),
     /// Full, but acknowledging: wait for it.
     Busy,
     /// Full with no progress for a while, or its channel is gone: skip it.
@@ -46,6 +47,9 @@ impl Handle {
     /// for, and only one that is stalled (full and making no progress) or
     /// has rejected `conn` is skipped.
     pub fn pick(&mut self, conn: &Conn, mut avail: impl FnMut(u32) -> Avail) -> Option<u32> {
+        if self.policy == Policy::LeastLoaded {
+            return self.pick_least_loaded(conn, avail);
+        }
         let n = self.workers.len();
         for step in 0..n {
             let i = (self.cursor + step) % n;
@@ -54,7 +58,7 @@ impl Handle {
                 continue;
             }
             match avail(w) {
-                Avail::Room => {
+                Avail::Room(_) => {
                     self.cursor = (i + 1) % n;
                     return Some(w);
                 }
@@ -75,6 +79,13 @@ impl Primary {
     // Accepts until EAGAIN or the queue is full (`drain` ignores the cap,
     // for a final sweep of the backlog before closing).
     pub(super) fn accept_ready(&mut self, hid: u32, drain: bool) {
+        if self
+            .handles
+            .get(&hid)
+            .is_some_and(|h| h.policy == Policy::ReusePort)
+        {
+            return self.reuseport_accept(hid, drain);
+        }
         let limit = self.settings.queue_limit.max(1);
         let Some(h) = self.handles.get_mut(&hid) else {
             return;
@@ -114,7 +125,7 @@ impl Primary {
         let Some(h) = self.handles.get_mut(&hid) else {
             return;
         };
-        if h.policy != Policy::RoundRobin {
+        if !h.policy.hands_over() {
             return;
         }
         let mut batch = std::mem::take(&mut self.batch);
@@ -139,7 +150,7 @@ impl Primary {
             let room = |w: u32| match workers.get(&w) {
                 Some(s) if s.channel.is_some() && pending(w) < wire::MAX_FDS => {
                     if force || s.in_flight.len() + pending(w) < window {
-                        Avail::Room
+                        Avail::Room(s.rank(pending(w), now, force))
                     } else if now.duration_since(s.progress) < STALL {
                         Avail::Busy
                     } else {
@@ -210,8 +221,12 @@ impl Primary {
         payload: &[u8],
     ) -> io::Result<()> {
         let slot = self.workers.get_mut(&id).ok_or_else(|| Self::gone(id))?;
+        let (load, ids) = protocol::decode_conn_reply(flags, payload)?;
+        if let Some(open) = load {
+            slot.load.heard(open, ids.len(), flags & REJECTED != 0);
+        }
         let mut taken = 0;
-        for cid in protocol::decode_ids(payload)? {
+        for cid in ids {
             let pos = slot
                 .in_flight
                 .iter()

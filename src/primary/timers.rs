@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use super::round_robin::STALL;
 use super::{Event, Primary};
-use crate::protocol::Policy;
 use crate::sys::{process, signal};
 
 impl Primary {
@@ -36,18 +35,20 @@ impl Primary {
         let stalled = self
             .handles
             .values()
-            .any(|h| h.policy == Policy::RoundRobin && !h.queue.is_empty() && !h.workers.is_empty())
+            .any(|h| h.policy.hands_over() && !h.queue.is_empty() && !h.workers.is_empty())
             .then(|| Instant::now() + STALL);
         kills
             .chain(paused)
             .chain(hangs)
             .chain(stalled)
             .chain(self.upgrade_deadline())
+            .chain(self.reuseport_deadline())
             .min()
     }
 
     pub(super) fn on_timers(&mut self) {
         let now = Instant::now();
+        self.reuseport_timers(now);
         let due: Vec<u32> = self
             .workers
             .iter()

@@ -18,7 +18,6 @@ use super::{Event, Primary, Stdio};
 use crate::env::{ENV_CHANNEL_FD, ENV_FDS, ENV_WORKER_ID, ENV_WORKER_PID};
 use crate::ipc::channel::{Channel, QueueFull};
 use crate::ipc::wire::Kind;
-use crate::protocol::Policy;
 use crate::signal::Signal;
 use crate::sys::{self, epoll, pidfd, process, signal};
 
@@ -130,6 +129,8 @@ pub(super) struct Slot {
     pub(super) unprivileged: bool,
     /// What it served, for `max_requests`.
     pub(super) served: super::served::Served,
+    /// Its open connections as it last reported them (least-loaded).
+    pub(super) load: super::least_loaded::Load,
 }
 
 impl Primary {
@@ -280,6 +281,7 @@ impl Primary {
                 pidfd,
                 unprivileged,
                 served: Default::default(),
+                load: super::least_loaded::Load::new(),
             },
         );
         self.events.push_back(Event::Fork(id));
@@ -366,7 +368,7 @@ impl Primary {
             if self
                 .handles
                 .get(&hid)
-                .is_some_and(|h| h.policy == Policy::RoundRobin)
+                .is_some_and(|h| h.policy.hands_over())
             {
                 self.accept_ready(hid, true);
                 self.distribute(hid, true);

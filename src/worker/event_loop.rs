@@ -40,6 +40,13 @@ const DISCONNECT_ACK: Duration = Duration::from_secs(5);
 /// many are unsent, or once the last frame is `REPORT_AGE` old.
 const REPORT_BATCH: u64 = 16;
 const REPORT_AGE: Duration = Duration::from_millis(50);
+/// Least-loaded: once the worker is back in its loop with nothing to do,
+/// it tells the primary (which then knows it is not blocked on a
+/// connection it took), with its open count if that fell; at most this
+/// long after the last acknowledgement or report...
+const LOAD_GAP: Duration = Duration::from_millis(1);
+/// ...unless the count fell by this much.
+const LOAD_BATCH: usize = 16;
 
 /// Everything the [`Worker`](super::Worker) and its listeners share: no
 /// threads, so a listener's `accept()` can read the channel and keep
@@ -71,6 +78,13 @@ pub(super) struct Inner {
     /// Connections taken from shared sockets and requests the program
     /// noted, not told to the primary yet, and when it was last told.
     unsent: Unsent,
+    /// A listener is least-loaded: falls of the open count are reported.
+    least_loaded: bool,
+    /// The open count the primary last heard, and when.
+    reported_open: usize,
+    reported_at: Instant,
+    /// The last thing the primary heard is that a connection was taken.
+    reported_busy: bool,
 }
 
 /// See `Inner::note_served`.
@@ -175,6 +189,10 @@ impl Inner {
                 requests: 0,
                 since: Instant::now(),
             },
+            least_loaded: false,
+            reported_open: 0,
+            reported_at: Instant::now(),
+            reported_busy: false,
         })
     }
 
@@ -219,21 +237,56 @@ impl Inner {
             .send(kind, flags, seq, payload, fds)
     }
 
-    // Acknowledgements and rejections: if the primary is gone, the
-    // connection is still ours to serve (or drop), so no error; the channel
-    // is closed as at EOF.
+    // Acknowledgements and rejections, each with the open count (no ids:
+    // a load report). If the primary is gone, the connection is still ours
+    // to serve (or drop), so no error; the channel is closed as at EOF.
     fn send_reply(&mut self, flags: u8, handle: u32, ids: &[u32]) {
         if self.channel.is_none() {
             return;
         }
-        let mut body = Vec::with_capacity(ids.len() * 4);
-        protocol::encode_ids(ids, &mut body);
+        let open = self.counts.open.load(std::sync::atomic::Ordering::SeqCst);
+        let mut body = Vec::with_capacity(4 + ids.len() * 4);
+        protocol::encode_conn_reply(Some(open.min(u32::MAX as usize) as u32), ids, &mut body);
+        let flags = flags | protocol::LOAD;
         if self
             .send(Kind::ConnReply, flags, handle, &body, &[])
             .is_err()
         {
             self.close_channel();
+            return;
         }
+        self.reported_open = open;
+        self.reported_at = Instant::now();
+        if flags & REJECTED == 0 {
+            self.reported_busy = !ids.is_empty();
+        }
+    }
+
+    /// When a load report is due, if the worker waits from now on:
+    /// least-loaded, and the primary last heard that a connection was
+    /// taken, or an open count above today's (by `LOAD_BATCH` or more: at
+    /// once).
+    fn load_report_due(&self) -> Option<Instant> {
+        if !self.least_loaded || self.channel.is_none() {
+            return None;
+        }
+        let open = self.counts.open.load(std::sync::atomic::Ordering::SeqCst);
+        let fell = self.reported_open.saturating_sub(open);
+        if fell >= LOAD_BATCH {
+            return Some(self.reported_at);
+        }
+        (fell > 0 || self.reported_busy).then_some(self.reported_at + LOAD_GAP)
+    }
+
+    /// About to wait: sends the load report if it is due; otherwise
+    /// returns when it will be.
+    fn report_load(&mut self) -> Option<Instant> {
+        let due = self.load_report_due()?;
+        if Instant::now() < due {
+            return Some(due);
+        }
+        self.send_reply(0, 0, &[]);
+        None
     }
 
     fn close_channel(&mut self) {
@@ -294,6 +347,7 @@ impl Inner {
             }
         }
         let unix = g.address.starts_with('/');
+        self.least_loaded |= g.policy == Policy::LeastLoaded;
         self.listeners.push(Some(ListenerState {
             handle: g.handle,
             policy: g.policy,
@@ -452,12 +506,12 @@ impl Inner {
                 }
                 let (handle, policy, address) = protocol::decode_reply_ok(&frame.payload)?;
                 let mut fds = frame.fds;
-                let shared = match policy {
-                    Policy::Shared => Some(
-                        fds.pop()
-                            .ok_or_else(|| invalid("shared reply without a listening fd".into()))?,
-                    ),
-                    Policy::RoundRobin => None,
+                let shared = if policy.worker_accepts() {
+                    Some(fds.pop().ok_or_else(|| {
+                        invalid(format!("{} reply without a listening fd", policy.name()))
+                    })?)
+                } else {
+                    None
                 };
                 return Ok(Ok((handle, policy, address, shared)));
             }
@@ -481,7 +535,7 @@ impl Inner {
                     .listeners
                     .iter_mut()
                     .flatten()
-                    .find(|l| l.handle == handle && l.policy == Policy::RoundRobin);
+                    .find(|l| l.handle == handle && l.policy.hands_over());
                 let mut rejected = Vec::new();
                 match slot {
                     Some(l) => {
@@ -596,7 +650,8 @@ impl Inner {
         }
     }
 
-    /// Time left until the first resting listener is watched again.
+    /// Time left until the first resting listener is watched again, or a
+    /// load report is due.
     pub(super) fn poll_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
         self.listeners
@@ -604,6 +659,7 @@ impl Inner {
             .flatten()
             .filter(|l| l.shared.is_some())
             .filter_map(|l| l.resting_until)
+            .chain(self.load_report_due())
             .min()
             .map(|at| at.saturating_duration_since(now))
     }
@@ -616,7 +672,11 @@ impl Inner {
             // would never report those.
             return self.read_channel(false);
         }
-        let timeout = match self.resume_listeners() {
+        let wake = [self.resume_listeners(), self.report_load()]
+            .into_iter()
+            .flatten()
+            .min();
+        let timeout = match wake {
             Some(at) => {
                 let left = at.saturating_duration_since(Instant::now());
                 Some(timeout.map_or(left, |t| t.min(left)))
@@ -890,8 +950,12 @@ impl Inner {
     // or the waker is readable, or this listener's rest ends.
     fn block_for(&mut self, idx: usize) -> io::Result<()> {
         self.report_served(false);
+        let report = self.report_load();
         let l = self.listener(idx);
-        let rest = l.and_then(|l| l.resting_until);
+        let rest = [l.and_then(|l| l.resting_until), report]
+            .into_iter()
+            .flatten()
+            .min();
         let mut fds: Vec<(BorrowedFd<'_>, i16)> = Vec::with_capacity(3);
         let channel = self.channel.as_ref().map(|c| c.as_fd());
         if let Some(fd) = channel {
