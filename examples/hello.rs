@@ -430,7 +430,12 @@ impl Cluster {
                 .env
                 .push(("HELLO_LISTEN".into(), addr.clone().into()));
         }
-        primary.listen(&addr)?;
+        // Reuseport: each worker slot gets its own SO_REUSEPORT socket, made
+        // by the primary at the first listen (a busy port still fails the
+        // first generation, and the supervisor stops at once).
+        if primary.settings().policy != Policy::ReusePort {
+            primary.listen(&addr)?;
+        }
         let me = std::process::id();
         match primary.upgraded_from() {
             Some(old) => log.line(&format!(
