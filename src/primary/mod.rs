@@ -107,6 +107,7 @@
 mod endpoints;
 mod event_loop;
 mod handles;
+mod plain;
 mod policy;
 mod round_robin;
 pub(crate) mod shared;
@@ -125,6 +126,7 @@ use std::time::Duration;
 
 use self::event_loop::{TOKEN_SIGNAL, TOKEN_USER};
 use self::handles::Handle;
+pub use self::plain::{Plain, DATAGRAMS_PER_TURN};
 pub use self::policy::{ListenRules, TcpRule};
 use self::round_robin::Conn;
 pub use self::shared::Address;
@@ -224,6 +226,11 @@ pub struct Settings {
     /// [`Settings::map_fd`], which checks the targets; a fork with a
     /// target outside 4..64, or repeated, fails with `InvalidInput`.
     pub extra_fds: Vec<(Arc<OwnedFd>, i32)>,
+    /// Run [`exec`](Settings::exec) as a plain program, with no channel:
+    /// its sockets at fd 3, 4, ... with `LISTEN_FDS`, readiness through
+    /// `NOTIFY_SOCKET` (see [`Plain`]). Needs [`Policy::Shared`]: the
+    /// workers accept themselves. `None` (the default): syncluster workers.
+    pub plain: Option<Plain>,
 }
 
 impl Default for Settings {
@@ -245,6 +252,7 @@ impl Default for Settings {
             listen_rules: None,
             max_worker_handles: 64,
             extra_fds: Vec::new(),
+            plain: None,
         }
     }
 }
@@ -282,6 +290,13 @@ impl Settings {
         }
         if self.max_worker_handles == 0 {
             return bad("Settings::max_worker_handles = 0: expected at least 1".into());
+        }
+        if self.plain.is_some() && self.policy != Policy::Shared {
+            return bad(format!(
+                "Settings::plain with Settings::policy = {}: plain workers accept on their \
+                 sockets themselves, set Policy::Shared",
+                self.policy
+            ));
         }
         if let (Some(uid), None) = (self.uid, self.gid) {
             return bad(format!(
@@ -445,6 +460,8 @@ pub struct Primary {
     batch: Vec<(u32, Vec<Conn>)>,
     /// Inherited sockets and binary upgrades.
     deploy: upgrade::Deploy,
+    /// Plain-program workers (`Settings::plain`).
+    plain: plain::PlainState,
 }
 
 impl Primary {
@@ -495,6 +512,7 @@ impl Primary {
             ids_buf: Vec::with_capacity(4 * 64),
             batch: Vec::new(),
             deploy: upgrade::Deploy::default(),
+            plain: plain::PlainState::default(),
         };
         // On error `p` drops: the mask goes back, adopted fds close.
         p.adopt_inherited()?;
