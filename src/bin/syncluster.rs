@@ -97,9 +97,12 @@ fn startup(msg: impl std::fmt::Display) -> Fail {
     }
 }
 
-// A line on stderr; a closed stderr is no reason to die.
+// A line on stderr, in one write(2): workers share that stderr, and a
+// line written piecemeal would be cut by theirs. A closed stderr is no
+// reason to die.
 fn log(line: std::fmt::Arguments<'_>) {
-    let _ = writeln!(io::stderr(), "syncluster: {line}");
+    let line = format!("syncluster: {line}\n");
+    let _ = io::stderr().write_all(line.as_bytes());
 }
 
 fn parse(mut argv: impl Iterator<Item = OsString>) -> Result<Args, Fail> {
@@ -383,7 +386,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(Fail { code: 2, msg }) => {
-            let _ = write!(io::stderr(), "syncluster: {msg}\n{USAGE}");
+            let _ = io::stderr().write_all(format!("syncluster: {msg}\n{USAGE}").as_bytes());
             ExitCode::from(2)
         }
         Err(Fail { code, msg }) => {
