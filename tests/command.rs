@@ -16,6 +16,7 @@ use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -557,4 +558,347 @@ per_language! {
     c: Lang::C;
     python: Lang::Python;
     node: Lang::Node;
+}
+
+// ------------------------------------------------------ the contract itself
+
+#[test]
+fn bad_usage_prints_usage_and_exits_2() {
+    for args in [
+        &[][..],
+        &["--", ""],
+        &["--workers", "2", "true"],
+        &["--workers", "0", "--", "true"],
+        &["--workers", "many", "--", "true"],
+        &["--policy", "rr", "--", "true"],
+        &["--listen"],
+        &["--bogus", "--", "true"],
+        &["--group", "root", "--", "true"],
+        &["--listen", "127.0.0.1:0"],
+        &["--ready-after", "-1", "--", "true"],
+    ] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).stdin(Stdio::null());
+        let out = output_within(cmd, Duration::from_secs(10));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("usage: syncluster"), "{args:?}: {err}");
+    }
+    // Nothing to listen on is bad usage too; a missing PROGRAM is 127.
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--", "true"]).env_remove("LISTEN_FDS");
+    let out = output_within(cmd, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to listen on"));
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--listen", "127.0.0.1:0", "--", "no-such-program-here"]);
+    let out = output_within(cmd, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(127));
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--help");
+    let out = output_within(cmd, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("usage: syncluster"));
+}
+
+/// A worker that reports what it was given (on each connection to fd 3,
+/// as JSON), and says READY=1 (after `STATUS=` and `STOPPING=1`, which
+/// must go nowhere) only when SIGUSR1 comes.
+const REPORTER: &str = r#"
+import json, os, signal, socket
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
+keys = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "SYNCLUSTER_WORKER_ID",
+        "NOTIFY_SOCKET", "SYNCLUSTER_CHANNEL_FD", "WATCHDOG_USEC"]
+info = {k: os.environ.get(k) for k in keys}
+info["pid"] = os.getpid()
+info["fds"] = fds
+info["blocking"] = os.get_blocking(3)
+info["addrs"] = [str(socket.socket(fileno=os.dup(3 + i)).getsockname())
+                 for i in range(int(os.environ["LISTEN_FDS"]))]
+signal.sigwait([signal.SIGUSR1])
+to = "\0" + os.environ["NOTIFY_SOCKET"][1:]
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as n:
+    n.sendto(b"STATUS=a worker speaks\nSTOPPING=1", to)
+    n.sendto(b"READY=1", to)
+signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+l = socket.socket(fileno=3)
+while True:
+    c, _ = l.accept()
+    c.sendall(json.dumps(info).encode())
+    c.close()
+"#;
+
+fn recv_all(sock: &UnixDatagram, wait: Duration) -> Vec<String> {
+    sock.set_read_timeout(Some(wait)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    out
+}
+
+#[test]
+fn each_worker_gets_its_sockets_the_systemd_way_and_its_own_notify_socket() {
+    let _one = serial();
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cmd-env-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let unix = dir.join("b.sock");
+    let script = dir.join("reporter.py");
+    std::fs::write(&script, REPORTER).unwrap();
+    let systemd = UnixDatagram::bind(dir.join("notify")).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--workers", "1", "--listen", "web=127.0.0.1:0", "--listen"])
+        .arg(&unix)
+        .arg("--")
+        .arg("python3")
+        .arg(&script)
+        .env("NOTIFY_SOCKET", dir.join("notify"))
+        .env("WATCHDOG_USEC", "60000000")
+        .env("LISTEN_FDS", "7") // for another pid: ignored, not passed on
+        .env("LISTEN_PID", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let err = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let mut c = Cluster {
+        pid: child.id() as i32,
+        child,
+        port: 0,
+        log,
+        seen: BTreeSet::new(),
+        extra: Vec::new(),
+    };
+    let line = c.wait_line("listening on ", DEADLINE);
+    c.port = line
+        .split("listening on 127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split([',', ';']).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| c.fail("no port"));
+    c.wait_line("worker 1 started", DEADLINE);
+    let worker = c.workers()[0];
+    // The worker's NOTIFY_SOCKET is its own; a stranger's READY=1 on it
+    // (this test's pid, not the worker's) counts for nothing.
+    let environ = std::fs::read(format!("/proc/{worker}/environ")).unwrap();
+    let notify = environ
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(b"NOTIFY_SOCKET="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_else(|| c.fail("the worker has no NOTIFY_SOCKET"));
+    assert_eq!(notify, format!("@syncluster-{}-1", c.pid));
+    let stranger = UnixDatagram::unbound().unwrap();
+    let name = std::os::unix::net::SocketAddr::from_abstract_name(&notify.as_bytes()[1..]);
+    use std::os::linux::net::SocketAddrExt;
+    let name = name.unwrap();
+    stranger.send_to_addr(b"READY=1", &name).unwrap();
+    let early = recv_all(&systemd, Duration::from_millis(500));
+    assert!(
+        early.is_empty(),
+        "systemd heard {early:?} before the worker was ready"
+    );
+    assert_eq!(c.count("ready:"), 0, "{}", c.lines().join("\n"));
+    // USR1 reaches the worker, which then says STATUS=, STOPPING=1, READY=1.
+    c.signal(10);
+    c.wait_line("ready: 1 workers", DEADLINE);
+    let heard = recv_all(&systemd, Duration::from_millis(500));
+    assert!(
+        heard.first().is_some_and(|d| d.starts_with("READY=1\n")),
+        "systemd heard {heard:?}"
+    );
+    assert!(
+        !heard
+            .iter()
+            .any(|d| d.contains("worker speaks") || d.contains("STOPPING")),
+        "a worker's notification reached systemd: {heard:?}"
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", c.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut report = String::new();
+    s.read_to_string(&mut report).unwrap();
+    let field = |k: &str| {
+        let at = report
+            .find(&format!("\"{k}\": "))
+            .unwrap_or_else(|| panic!("{k} in {report}"));
+        let rest = &report[at + k.len() + 4..];
+        let end = rest.find([',', '}']).unwrap();
+        rest[..end].trim().trim_matches('"').to_string()
+    };
+    assert_eq!(field("LISTEN_FDS"), "2", "{report}");
+    assert_eq!(field("LISTEN_PID"), worker.to_string(), "{report}");
+    assert_eq!(field("pid"), worker.to_string(), "{report}");
+    assert_eq!(field("LISTEN_FDNAMES"), "web:unknown", "{report}");
+    assert_eq!(field("SYNCLUSTER_WORKER_ID"), "1", "{report}");
+    assert_eq!(field("SYNCLUSTER_CHANNEL_FD"), "null", "{report}");
+    assert_eq!(field("WATCHDOG_USEC"), "null", "{report}");
+    assert_eq!(field("blocking"), "true", "{report}");
+    assert!(
+        report.contains(&format!("\"('127.0.0.1', {})\"", c.port))
+            && report.contains(&format!("\"{}\"", unix.display())),
+        "the sockets, in --listen order: {report}"
+    );
+    // 0-2, the two sockets, and the fd that listed the directory.
+    let fds_at = report.find("\"fds\": [").unwrap() + 8;
+    let fds: Vec<i32> = report[fds_at..report[fds_at..].find(']').unwrap() + fds_at]
+        .split(", ")
+        .map(|f| f.parse().unwrap())
+        .collect();
+    assert_eq!(&fds[..5], &[0, 1, 2, 3, 4], "{report}");
+    assert!(fds.len() <= 6, "fds leaked into the worker: {fds:?}");
+    c.signal(SIGTERM);
+    let st = c
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| c.fail("no exit"));
+    assert_eq!(st.code(), Some(0));
+    let last = recv_all(&systemd, Duration::from_millis(300));
+    assert!(last.iter().any(|d| d == "STOPPING=1"), "{last:?}");
+    assert!(!unix.exists() || std::fs::remove_file(&unix).is_ok());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The inode of fd 3 of `pid`: which socket it serves on.
+fn fd3(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/3"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn reuseport_gives_each_worker_its_own_socket_and_keeps_it_through_hup_and_kill() {
+    let _one = serial();
+    let mut c = Cluster::start(Lang::C, 2, &["--policy", "reuseport"]);
+    let first: BTreeSet<String> = c.workers().into_iter().map(fd3).collect();
+    assert_eq!(first.len(), 2, "one socket per worker: {first:?}");
+    let load = Load::start(c.port);
+    thread::sleep(Duration::from_millis(300));
+    c.signal(SIGHUP);
+    c.wait_line("reloaded", DEADLINE);
+    c.wait_count("ended", 2, DEADLINE);
+    let after: BTreeSet<String> = c.workers().into_iter().map(fd3).collect();
+    assert_eq!(after, first, "the replacements took the same two sockets");
+    let victim = c.workers()[0];
+    let its = fd3(victim);
+    let killed = Instant::now();
+    kill(victim, SIGKILL).unwrap();
+    c.wait_line("worker 5 started", DEADLINE);
+    assert!(wait_until(DEADLINE, || c.workers().len() == 2));
+    thread::sleep(Duration::from_millis(300));
+    let outcomes = load.finish();
+    let now: BTreeSet<String> = c.workers().into_iter().map(fd3).collect();
+    assert_eq!(now, first, "the respawned worker took its slot's socket");
+    assert!(now.contains(&its));
+    let failed = failures(&outcomes);
+    eprintln!(
+        "reuseport: HUP and kill -9 under load: {} requests, {} failed",
+        outcomes.len(),
+        failed.len()
+    );
+    assert!(
+        failed.len() <= 1
+            && failed
+                .iter()
+                .all(|o| o.started < killed + Duration::from_millis(100)),
+        "{failed:?}"
+    );
+    assert!(served_by(&outcomes).contains(&5), "worker 5 served nothing");
+}
+
+#[test]
+fn usr2_upgrades_the_primary_under_load_and_keeps_the_sockets() {
+    let _one = serial();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cmd-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pid_file = dir.join("pid");
+    let pf = pid_file.to_str().unwrap().to_string();
+    let mut c = Cluster::start(Lang::C, 2, &["--pid-file", &pf]);
+    let old = c.pid;
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        old.to_string()
+    );
+    let load = Load::start(c.port);
+    thread::sleep(Duration::from_millis(300));
+    c.signal(SIGUSR2);
+    let line = c.wait_line("upgrading: new primary pid ", DEADLINE);
+    let new: i32 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    c.extra.push(new);
+    c.wait_line("took over", DEADLINE);
+    let status = c
+        .wait_exit(DEADLINE)
+        .unwrap_or_else(|| c.fail("the old primary stays"));
+    assert_eq!(status.code(), Some(0));
+    assert!(wait_until(DEADLINE, || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|s| s.trim() == new.to_string())
+    }));
+    let new_workers = children_of(new);
+    c.extra.extend(&new_workers);
+    assert_eq!(new_workers.len(), 2, "{}", c.lines().join("\n"));
+    thread::sleep(Duration::from_millis(300));
+    let outcomes = load.finish();
+    let failed = failures(&outcomes);
+    eprintln!(
+        "USR2 under load: {} requests, {} failed",
+        outcomes.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}\n{}", c.lines().join("\n"));
+    assert!(get(c.port).is_ok());
+    kill(new, SIGTERM).unwrap();
+    assert!(
+        wait_until(DEADLINE, || !is_alive(new)
+            && new_workers.iter().all(|&w| !is_alive(w))),
+        "the new primary and its workers did not stop"
+    );
+    assert!(!pid_file.exists(), "the pid file stays after the stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn as_pid_1_it_serves_stops_and_reaps_what_workers_leave_behind() {
+    let _one = serial();
+    // Each worker's sh leaves an orphan `sleep` (its subshell exits), which
+    // the kernel hands to PID 1, syncluster, to reap when it ends.
+    let hello = c_worker();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--kill-child", BIN])
+        .args(["--workers", "2", "--listen", "127.0.0.1:0", "--"])
+        .args(["sh", "-c", "(sleep 0.6 &); exec \"$0\""])
+        .arg(&hello)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut c = Cluster::spawn(cmd);
+    // `unshare` is the child; syncluster, PID 1 inside, is its child.
+    let init = children_of(c.pid)[0];
+    c.extra.push(init);
+    let orphans = children_of(init).len().saturating_sub(2);
+    c.extra.extend(children_of(init));
+    thread::sleep(Duration::from_millis(1000));
+    let zombies = children_of(init)
+        .into_iter()
+        .filter(|&k| !is_alive(k))
+        .count();
+    assert_eq!(orphans, 2, "the sleeps were not PID 1's");
+    assert_eq!(zombies, 0, "unreaped orphans under PID 1");
+    let workers = children_of(init);
+    c.extra.extend(&workers);
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    assert!(get(c.port).is_ok());
+    kill(init, SIGTERM).unwrap();
+    let st = c
+        .wait_exit(DEADLINE)
+        .unwrap_or_else(|| c.fail("PID 1 did not stop"));
+    assert!(st.success(), "{st}: {}", c.lines().join("\n"));
+    assert!(workers.iter().all(|&w| !is_alive(w)));
 }
