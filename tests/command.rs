@@ -902,3 +902,58 @@ fn as_pid_1_it_serves_stops_and_reaps_what_workers_leave_behind() {
     assert!(st.success(), "{st}: {}", c.lines().join("\n"));
     assert!(workers.iter().all(|&w| !is_alive(w)));
 }
+
+#[test]
+fn under_socket_activation_it_adopts_the_passed_socket() {
+    let _one = serial();
+    // A free port (systemd-socket-activate binds it itself).
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.args(["-l", &addr, "--fdname=web", BIN, "--workers", "2"])
+        // Naming the very address adopts it rather than binding it again.
+        .args(["--listen", &addr, "--"])
+        .arg(c_worker())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("systemd-socket-activate");
+    let err = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let mut c = Cluster {
+        pid: child.id() as i32,
+        child,
+        port,
+        log,
+        seen: BTreeSet::new(),
+        extra: Vec::new(),
+    };
+    // It execs syncluster (same pid) at the first connection.
+    c.wait_line(&format!("Listening on {addr}"), DEADLINE);
+    let first = thread::spawn(move || get(port));
+    c.wait_line("ready: 2 workers", DEADLINE);
+    assert!(first.join().unwrap().is_ok());
+    let by: BTreeSet<u32> = (0..50).filter_map(|_| get(port).ok()).collect();
+    assert!(!by.is_empty());
+    assert!(c.count(&format!("listening on {addr}")) == 1);
+    assert_eq!(
+        c.count("serving on fd 3 (web)"),
+        2,
+        "{}",
+        c.lines().join("\n")
+    );
+    c.note_workers();
+    c.signal(SIGTERM);
+    let st = c.wait_exit(DEADLINE).unwrap_or_else(|| c.fail("no exit"));
+    assert_eq!(st.code(), Some(0));
+}

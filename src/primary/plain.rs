@@ -651,7 +651,71 @@ impl Primary {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{ExitStatus, Settings};
     use super::*;
+
+    fn next(p: &mut Primary) -> Event {
+        p.next_event_timeout(Some(Duration::from_secs(10)))
+            .unwrap()
+            .expect("an event within 10 s")
+    }
+
+    #[test]
+    fn a_plain_worker_is_ready_after_its_time_and_disconnect_is_sigterm() {
+        let mut settings = Settings::default();
+        settings.policy = Policy::Shared;
+        settings.exec = Some("/bin/sh".into());
+        // Proves what it got, then waits for SIGTERM.
+        let script = r#"[ "$LISTEN_PID" = $$ ] && [ "$LISTEN_FDS" = 2 ] && [ -S /proc/self/fd/4 ] || exit 3
+            trap 'exit 7' TERM; while :; do sleep 0.02; done"#;
+        settings.args = Some(vec!["-c".into(), script.into()]);
+        let mut plain = Plain::default();
+        plain.ready_after = Some(Duration::from_millis(100));
+        settings.plain = Some(plain);
+        let mut p = Primary::new(settings).unwrap();
+        let a = p.listen("127.0.0.1:0").unwrap();
+        let b = p.listen("127.0.0.1:0").unwrap();
+        assert_eq!(a, b, "one address, one socket");
+        let b = p
+            .listen("[::1]:0")
+            .or_else(|_| p.listen("127.0.0.2:0"))
+            .unwrap();
+        let started = Instant::now();
+        let id = p.fork().unwrap();
+        assert!(matches!(next(&mut p), Event::Fork(i) if i == id));
+        assert!(matches!(next(&mut p), Event::Online(i) if i == id));
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        for want in [&a, &b] {
+            match next(&mut p) {
+                Event::Listening { id: i, address } => assert!(i == id && &address == want),
+                e => panic!("{e:?}"),
+            }
+        }
+        assert_eq!(p.workers()[0].state, State::Listening);
+        p.disconnect(id, Some(Duration::from_secs(5))).unwrap();
+        p.disconnect(id, None).unwrap(); // one SIGTERM, not two
+        match next(&mut p) {
+            Event::Exit {
+                id: i,
+                status,
+                exited_after_disconnect,
+            } => {
+                assert_eq!(i, id);
+                assert_eq!(status, ExitStatus::Code(7));
+                assert!(exited_after_disconnect);
+            }
+            e => panic!("no Disconnect before a plain worker's Exit: {e:?}"),
+        }
+        assert!(p.plain.workers.is_empty(), "its notification socket closed");
+    }
+
+    #[test]
+    fn plain_workers_need_the_shared_policy() {
+        let mut settings = Settings::default();
+        settings.plain = Some(Plain::default());
+        let e = Primary::new(settings).unwrap_err();
+        assert!(e.to_string().contains("Policy::Shared"), "{e}");
+    }
 
     #[test]
     fn only_a_ready_line_makes_a_worker_ready() {
