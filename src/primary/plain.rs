@@ -662,16 +662,19 @@ mod tests {
 
     #[test]
     fn a_plain_worker_is_ready_after_its_time_and_disconnect_is_sigterm() {
-        let mut settings = Settings::default();
-        settings.policy = Policy::Shared;
-        settings.exec = Some("/bin/sh".into());
         // Proves what it got, then waits for SIGTERM.
         let script = r#"[ "$LISTEN_PID" = $$ ] && [ "$LISTEN_FDS" = 2 ] && [ -S /proc/self/fd/4 ] || exit 3
             trap 'exit 7' TERM; while :; do sleep 0.02; done"#;
-        settings.args = Some(vec!["-c".into(), script.into()]);
-        let mut plain = Plain::default();
-        plain.ready_after = Some(Duration::from_millis(100));
-        settings.plain = Some(plain);
+        let settings = Settings {
+            policy: Policy::Shared,
+            exec: Some("/bin/sh".into()),
+            args: Some(vec!["-c".into(), script.into()]),
+            plain: Some(Plain {
+                ready_after: Some(Duration::from_millis(100)),
+                ..Plain::default()
+            }),
+            ..Settings::default()
+        };
         let mut p = Primary::new(settings).unwrap();
         let a = p.listen("127.0.0.1:0").unwrap();
         let b = p.listen("127.0.0.1:0").unwrap();
@@ -711,8 +714,10 @@ mod tests {
 
     #[test]
     fn plain_workers_need_the_shared_policy() {
-        let mut settings = Settings::default();
-        settings.plain = Some(Plain::default());
+        let settings = Settings {
+            plain: Some(Plain::default()),
+            ..Settings::default()
+        };
         let e = Primary::new(settings).unwrap_err();
         assert!(e.to_string().contains("Policy::Shared"), "{e}");
     }
