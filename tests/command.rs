@@ -607,6 +607,7 @@ fn bad_usage_prints_usage_and_exits_2() {
 const REPORTER: &str = r#"
 import json, os, signal, socket
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+open(os.path.join(os.path.dirname(__file__), "blocked"), "w").close()
 fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
 keys = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "SYNCLUSTER_WORKER_ID",
         "NOTIFY_SOCKET", "SYNCLUSTER_CHANNEL_FD", "WATCHDOG_USEC"]
@@ -709,7 +710,12 @@ fn each_worker_gets_its_sockets_the_systemd_way_and_its_own_notify_socket() {
         "systemd heard {early:?} before the worker was ready"
     );
     assert_eq!(c.count("ready:"), 0, "{}", c.lines().join("\n"));
-    // USR1 reaches the worker, which then says STATUS=, STOPPING=1, READY=1.
+    // USR1 reaches the worker, which then says STATUS=, STOPPING=1, READY=1
+    // (once it blocked USR1: from then on a USR1 waits for its sigwait).
+    assert!(
+        wait_until(DEADLINE, || dir.join("blocked").exists()),
+        "the worker never got to wait for USR1"
+    );
     c.signal(10);
     c.wait_line("ready: 1 workers", DEADLINE);
     let heard = recv_all(&systemd, Duration::from_millis(500));
