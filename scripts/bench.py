@@ -7,8 +7,9 @@ rounds, takes medians, prints and writes the table and an SVG chart.
 Servers: syncluster's hello (rr, shared, least-loaded, reuseport), the plain
 C prefork server of scripts/prefork.c (shared, reuseport: the speed limit, no
 primary in the data path), examples/c/hello.c on syncluster's C API (rr,
-shared; built by scripts/build_c.sh) and Node's cluster (rr, none) when node
-is installed.
+shared; built by scripts/build_c.sh), Node's cluster (rr, none) when node
+is installed, and the syncluster command running plain Node
+(examples/workers/hello.js, no cluster module) in shared mode.
 
 The mixed-load table (also in the full run; `--mixed` runs it alone): wrk
 with scripts/mixed.lua, `Connection: close`, 1 request in 200 blocking its
@@ -16,6 +17,7 @@ worker 50 ms, at 2 and 4 workers; p50, p99, max and requests/s of every
 syncluster policy and Node's cluster, side by side."""
 import argparse
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -23,12 +25,14 @@ import time
 
 import re
 
-from harness import CLK_TCK, ROOT, Server, cpu_ticks, free_port, ms, rss_kb, run_wrk
+from harness import CLK_TCK, ROOT, Server, cpu_ticks, free_port, ms, now, rss_kb, run_wrk, wait_until
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--quick", action="store_true", help="one round of 2 s runs (about 2 minutes)")
 ap.add_argument("--workers", default="1,2,4", help="comma-separated worker counts (default 1,2,4)")
 ap.add_argument("--mixed", action="store_true", help="only the mixed-load table (slow requests among fast ones)")
+ap.add_argument("--only", default="", help="comma-separated words: run only the servers whose name has one "
+                "(e.g. node: Node's cluster and the command running Node)")
 ARGS = ap.parse_args()
 QUICK = ARGS.quick
 ROUNDS = 1 if QUICK else 3
@@ -43,6 +47,9 @@ HELLO = os.path.join(ROOT, "target/release/examples/hello")
 PREFORK = os.path.join(ROOT, "target/bench/prefork")
 C_HELLO = os.path.join(ROOT, "target/c/hello")
 NODE = shutil.which("node")
+COMMAND = os.path.join(ROOT, "target/release/syncluster")
+# The command with plain Node workers, shared mode.
+CMD_NODE = "syncluster cmd node"
 OUT = os.path.join(ROOT, "target/bench")
 LIMIT = "c prefork shared"
 
@@ -57,13 +64,40 @@ else:
     print(f"{C_HELLO} missing: skipping the C hello (scripts/build_c.sh builds it)", file=sys.stderr)
 if NODE:
     IMPLS += ["node rr", "node none"]
+    if os.path.exists(COMMAND):
+        IMPLS += [CMD_NODE]
+    else:
+        print(f"{COMMAND} missing: skipping the command (scripts/bench.sh builds it)", file=sys.stderr)
 else:
     print("node not found: skipping Node's cluster (install nodejs to compare)", file=sys.stderr)
+if ARGS.only:
+    IMPLS = [i for i in IMPLS if any(w and w in i for w in ARGS.only.split(","))]
+    if not IMPLS:
+        sys.exit(f"--only {ARGS.only!r}: no server matches")
+
+
+def start_command(workers, env):
+    """`syncluster --workers N -- node examples/workers/hello.js`: waits until
+    every worker said it serves (its startup is exec to that, as Node's
+    cluster's `listening` events)."""
+    cmd = [COMMAND, "--workers", str(workers), "--listen", "127.0.0.1:0", "--ready-after", "200",
+           "--", NODE, os.path.join(ROOT, "examples/workers/hello.js")]
+    srv = Server(cmd, env=env, wait_listening=False, name=CMD_NODE)
+    if not wait_until(lambda: srv.err_count(r"hello\.js: pid \d+ serving") >= workers, 15):
+        srv.kill()
+        raise RuntimeError(f"{CMD_NODE}: {workers} workers not serving in 15 s; stderr: {srv.stderr()!r}")
+    srv.startup = now() - srv.started
+    m = re.search(r"listening on [\d.]+:(\d+)", srv.stderr())
+    srv.port = int(m.group(1))
+    wait_until(lambda: srv.err_count(r"syncluster: ready") >= 1, 5)
+    return srv
 
 
 def start(impl, workers):
     """Starts a server and waits for its listening line."""
     env = dict(os.environ)
+    if impl == CMD_NODE:
+        return start_command(workers, env)
     kind, mode = impl.rsplit(" ", 1)
     if kind == "syncluster":
         cmd = [HELLO, "--workers", str(workers), "--port", "0", "--policy", mode]
@@ -190,7 +224,8 @@ def main():
     print(text)
     with open(os.path.join(OUT, "report.md"), "w") as f:
         f.write("# syncluster benchmark\n\nProduced by `scripts/bench.sh" + (" --quick" if QUICK else "")
-                + (f" --workers {ARGS.workers}" if ARGS.workers != "1,2,4" else "") + "`.\n\n" + text + "\n")
+                + (f" --workers {ARGS.workers}" if ARGS.workers != "1,2,4" else "")
+                + (f" --only {ARGS.only}" if ARGS.only else "") + "`.\n\n" + text + "\n")
     write_svg(chart)
     print(f"\nwrote {OUT}/report.md and {OUT}/throughput.svg", file=sys.stderr)
 
@@ -293,7 +328,7 @@ def write_svg(chart):
               "syncluster least-loaded": "#553c9a", "syncluster reuseport": "#b794f4",
               "c prefork shared": "#2f855a", "c prefork reuseport": "#9ae6b4",
               "c syncluster rr": "#6b46c1", "c syncluster shared": "#d6bcfa",
-              "node rr": "#c05621", "node none": "#f6ad55"}
+              "node rr": "#c05621", "node none": "#f6ad55", CMD_NODE: "#805ad5"}
     groups = []
     for label, impl, rps in chart:
         if not groups or groups[-1][0] != label:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: syncluster rr / shared against a plain C prefork
-# server (shared / reuseport: the speed limit) and Node's cluster rr / none,
+# server (shared / reuseport: the speed limit), Node's cluster rr / none and
+# the syncluster command running plain Node workers (no cluster module),
 # serving the same hello world, with wrk.
 #   scripts/bench.sh                      full run (about 12 minutes)
 #   scripts/bench.sh --quick              about 2 minutes
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 if ! command -v wrk >/dev/null; then
     apt-get update && apt-get install -y wrk
 fi
-cargo build --release --example hello --example request_counter
+cargo build --release --example hello --example request_counter --bin syncluster
 mkdir -p target/bench
 cc -O2 -Wall -Wextra -Werror -o target/bench/prefork scripts/prefork.c
 exec python3 scripts/bench.py "$@"

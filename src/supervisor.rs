@@ -618,7 +618,7 @@ impl Supervisor {
             self.out.push_back(Notice::Reloaded);
             return;
         };
-        match self.primary.fork() {
+        match self.primary.fork_replacing(old) {
             Ok(new) => {
                 self.members.insert(
                     new,

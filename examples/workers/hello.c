@@ -1,8 +1,8 @@
 /* A plain hello-world worker that speaks systemd's two protocols itself,
  * with no library: socket activation (it serves on the socket passed as
  * fd 3) and readiness (READY=1 to $NOTIFY_SOCKET). Runs under systemd, under
- * `systemd-socket-activate -l 127.0.0.1:8080 ./hello`, or under the coming
- * `syncluster -- ./hello`. One connection at a time, one request per
+ * `systemd-socket-activate -l 127.0.0.1:8080 ./hello`, or under
+ * `syncluster --listen 127.0.0.1:8080 -- ./hello`. One connection at a time, one request per
  * connection (as unicorn does): run several processes for concurrency.
  * On SIGTERM or SIGINT it finishes the request it holds and exits 0.
  * Its answer names it: $SYNCLUSTER_WORKER_ID if set, else its pid.

@@ -5,8 +5,8 @@
 //
 // Readiness: Node's core has no Unix datagram sockets, so this worker cannot
 // send READY=1 to $NOTIFY_SOCKET itself (and `systemd-notify --ready` would
-// speak for the wrong pid). Under the coming `syncluster -- node hello.js`,
-// use `--ready-after MS`; under systemd, Type=simple or Type=exec.
+// speak for the wrong pid). Under `syncluster -- node hello.js`, use
+// `--ready-after MS`; under systemd, Type=simple or Type=exec.
 //
 // On SIGTERM or SIGINT it stops accepting, finishes the requests in flight,
 // closes idle keep-alive connections and exits 0. Its answer names it:

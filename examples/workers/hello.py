@@ -90,7 +90,13 @@ def main():
     fd, name = fds[0]
     me = os.environ.get("SYNCLUSTER_WORKER_ID")
     Hello.body = (f"hello from worker {me}\n" if me else f"hello from pid {os.getpid()}\n").encode()
-    server = InheritedHTTPServer(socket.socket(fileno=fd), Hello)
+    sock = socket.socket(fileno=fd)
+    # Non-blocking: with several workers on one socket, the one that loses
+    # the race for a connection gets EAGAIN (socketserver skips it) instead
+    # of blocking in accept(), where a SIGTERM would be retried past (PEP
+    # 475) and the worker would not stop until the next connection.
+    sock.setblocking(False)
+    server = InheritedHTTPServer(sock, Hello)
 
     def stop(signum, frame):
         # shutdown() waits for serve_forever to return, which happens

@@ -22,6 +22,7 @@ pub(super) const TOKEN_WORKER: u64 = 1 << 32;
 pub(super) const TOKEN_HANDLE: u64 = 2 << 32;
 pub(super) const TOKEN_PIDFD: u64 = 3 << 32;
 pub(super) const TOKEN_UPGRADE: u64 = 4 << 32;
+pub(super) const TOKEN_NOTIFY: u64 = 5 << 32;
 pub(super) const TOKEN_USER: u64 = 1 << 62;
 
 fn other(msg: String) -> io::Error {
@@ -191,6 +192,7 @@ impl Primary {
                     self.on_worker(id, flags);
                 }
                 TOKEN_PIDFD => self.reap_worker(token as u32),
+                TOKEN_NOTIFY => self.on_notify(token as u32),
                 // Looked at after the loop, as every turn.
                 TOKEN_UPGRADE => {}
                 TOKEN_HANDLE => {

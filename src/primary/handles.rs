@@ -448,6 +448,7 @@ impl Primary {
                 let backlog = self.settings.backlog.min(i32::MAX as u32) as i32;
                 let opts = shared::BindOptions {
                     backlog,
+                    reuse_port: self.settings.plain.as_ref().is_some_and(|p| p.reuse_port),
                     ..Default::default()
                 };
                 let (fd, address, unix) = shared::bind(&endpoint, None, &opts)?;

@@ -108,6 +108,7 @@ mod endpoints;
 mod event_loop;
 mod handles;
 mod least_loaded;
+mod plain;
 mod policy;
 mod reuseport;
 mod round_robin;
@@ -128,6 +129,7 @@ use std::time::Duration;
 
 use self::event_loop::{TOKEN_SIGNAL, TOKEN_USER};
 use self::handles::Handle;
+pub use self::plain::{Plain, DATAGRAMS_PER_TURN};
 pub use self::policy::{ListenRules, TcpRule};
 use self::round_robin::Conn;
 pub use self::shared::Address;
@@ -228,6 +230,11 @@ pub struct Settings {
     /// [`Settings::map_fd`], which checks the targets; a fork with a
     /// target outside 4..64, or repeated, fails with `InvalidInput`.
     pub extra_fds: Vec<(Arc<OwnedFd>, i32)>,
+    /// Run [`exec`](Settings::exec) as a plain program, with no channel:
+    /// its sockets at fd 3, 4, ... with `LISTEN_FDS`, readiness through
+    /// `NOTIFY_SOCKET` (see [`Plain`]). Needs [`Policy::Shared`]: the
+    /// workers accept themselves. `None` (the default): syncluster workers.
+    pub plain: Option<Plain>,
 }
 
 impl Default for Settings {
@@ -249,6 +256,7 @@ impl Default for Settings {
             listen_rules: None,
             max_worker_handles: 64,
             extra_fds: Vec::new(),
+            plain: None,
         }
     }
 }
@@ -286,6 +294,13 @@ impl Settings {
         }
         if self.max_worker_handles == 0 {
             return bad("Settings::max_worker_handles = 0: expected at least 1".into());
+        }
+        if self.plain.is_some() && self.policy != Policy::Shared {
+            return bad(format!(
+                "Settings::plain with Settings::policy = {}: plain workers accept on their \
+                 sockets themselves, set Policy::Shared",
+                self.policy
+            ));
         }
         if let (Some(uid), None) = (self.uid, self.gid) {
             return bad(format!(
@@ -459,6 +474,8 @@ pub struct Primary {
     batch: Vec<(u32, Vec<Conn>)>,
     /// Inherited sockets and binary upgrades.
     deploy: upgrade::Deploy,
+    /// Plain-program workers (`Settings::plain`).
+    plain: plain::PlainState,
 }
 
 impl Primary {
@@ -510,6 +527,7 @@ impl Primary {
             ids_buf: Vec::with_capacity(4 * 64),
             batch: Vec::new(),
             deploy: upgrade::Deploy::default(),
+            plain: plain::PlainState::default(),
         };
         // On error `p` drops: the mask goes back, adopted fds close.
         p.adopt_inherited()?;

@@ -43,10 +43,12 @@ impl Primary {
             .chain(stalled)
             .chain(self.upgrade_deadline())
             .chain(self.reuseport_deadline())
+            .chain(self.plain_deadline())
             .min()
     }
 
     pub(super) fn on_timers(&mut self) {
+        self.plain_timers();
         let now = Instant::now();
         self.reuseport_timers(now);
         let due: Vec<u32> = self

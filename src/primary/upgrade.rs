@@ -511,6 +511,7 @@ impl Primary {
     pub fn confirm_upgrade(&mut self) -> io::Result<bool> {
         match self.deploy.ready.take() {
             Some(mut pipe) => {
+                self.sweep_slots();
                 pipe.write_all(&[1])?;
                 Ok(true)
             }

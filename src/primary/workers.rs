@@ -165,6 +165,9 @@ impl Primary {
         &mut self,
         env: &[(K, V)],
     ) -> io::Result<u32> {
+        if self.settings.plain.is_some() {
+            return self.fork_plain(env, None);
+        }
         let id = self.next_id;
         let s = &self.settings;
         // `settings_mut` may have changed anything since the last fork.
@@ -351,7 +354,7 @@ impl Primary {
             slot.kill_at = Some(Instant::now() + t);
         }
         if slot.channel.is_none() {
-            return Ok(());
+            return self.disconnect_plain(id);
         }
         self.unroute(id);
         self.send_frame(id, Kind::Disconnect, 0, 0, &[], &[])
@@ -397,7 +400,7 @@ impl Primary {
 
     // A pidfd in the epoll set tells of the exit even when SIGCHLD goes to
     // another thread. None without pidfd_open: SIGCHLD alone then.
-    fn watch_exit(&self, pid: i32, id: u32) -> Option<OwnedFd> {
+    pub(super) fn watch_exit(&self, pid: i32, id: u32) -> Option<OwnedFd> {
         let fd = pidfd::pidfd_open(pid).ok()?;
         self.epoll
             .add(fd.as_fd(), epoll::READABLE, TOKEN_PIDFD | id as u64)
@@ -473,6 +476,7 @@ impl Primary {
         // hold the channel and keep writing.
         self.read_worker(id, Budget::AT_EXIT);
         self.drop_channel(id);
+        self.plain_exited(id);
         // The slot stays (state Dead) until this Exit is handed out.
         if let Some(s) = self.workers.get_mut(&id) {
             s.state = State::Dead;

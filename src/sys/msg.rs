@@ -156,3 +156,90 @@ pub fn recv(
     }
     Ok(n)
 }
+
+/// A datagram [`recv_cred`] read: its length and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Datagram {
+    /// Bytes read into the buffer (at most its length).
+    pub len: usize,
+    /// The datagram was longer than the buffer: the rest is gone.
+    pub truncated: bool,
+    /// The sender's pid, from `SCM_CREDENTIALS` (0 when the sender is in a
+    /// pid namespace the receiver cannot see); `None` without `SO_PASSCRED`.
+    pub pid: Option<i32>,
+    /// The sender's uid, likewise.
+    pub uid: Option<u32>,
+    /// fds that came along (`SCM_RIGHTS`), all closed already.
+    pub fds_closed: usize,
+}
+
+// Room for one ucred and a full SCM_RIGHTS batch: CMSG_SPACE(12) is 32 on
+// 64-bit Linux, on top of the 1032 of CMSG_WORDS.
+const CRED_CMSG_WORDS: usize = CMSG_WORDS + 8;
+
+/// `recvmsg(2)` of one datagram into `buf`, with `MSG_TRUNC` (a longer
+/// datagram is cut, and said so), `MSG_CMSG_CLOEXEC` and, if asked,
+/// `MSG_DONTWAIT`; the sender's credentials come from `SCM_CREDENTIALS`
+/// (turn them on with [`super::socket::set_passcred`]). Any fds the sender
+/// attached are closed before this returns: the caller never holds them.
+/// Retries `EINTR`; `EAGAIN` comes back as `WouldBlock`.
+pub fn recv_cred(fd: BorrowedFd<'_>, buf: &mut [u8], dontwait: bool) -> io::Result<Datagram> {
+    let mut cbuf = [0u64; CRED_CMSG_WORDS];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = mem::size_of_val(&cbuf) as _;
+    let flags =
+        libc::MSG_CMSG_CLOEXEC | libc::MSG_TRUNC | if dontwait { libc::MSG_DONTWAIT } else { 0 };
+    // SAFETY: msg points at a live, writable iovec and control buffer.
+    let n = cvt_r(|| unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, flags) })? as usize;
+    let mut out = Datagram {
+        len: n.min(buf.len()),
+        truncated: n > buf.len() || msg.msg_flags & libc::MSG_TRUNC != 0,
+        pid: None,
+        uid: None,
+        fds_closed: 0,
+    };
+    if msg.msg_controllen > 0 {
+        // SAFETY: the kernel filled msg_control up to msg_controllen.
+        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        while !cmsg.is_null() {
+            // SAFETY: cmsg is non-null and inside the control buffer.
+            let hdr = unsafe { &*cmsg };
+            // SAFETY: pure arithmetic.
+            let header_len = unsafe { libc::CMSG_LEN(0) } as usize;
+            let data_len = (hdr.cmsg_len as usize).saturating_sub(header_len);
+            if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+                let count = data_len / mem::size_of::<RawFd>();
+                // SAFETY: CMSG_DATA of a valid header points at `count` ints.
+                let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
+                for i in 0..count {
+                    // SAFETY: i < count ints inside the control data.
+                    let raw = unsafe { data.add(i).read_unaligned() };
+                    // SAFETY: the kernel installed this fd for us just now;
+                    // it is closed at once.
+                    drop(unsafe { OwnedFd::from_raw_fd(raw) });
+                    out.fds_closed += 1;
+                }
+            } else if hdr.cmsg_level == libc::SOL_SOCKET
+                && hdr.cmsg_type == libc::SCM_CREDENTIALS
+                && data_len >= mem::size_of::<libc::ucred>()
+            {
+                // SAFETY: CMSG_DATA of a header this long holds a ucred;
+                // unaligned read is allowed.
+                let cred = unsafe { libc::CMSG_DATA(cmsg).cast::<libc::ucred>().read_unaligned() };
+                out.pid = Some(cred.pid);
+                out.uid = Some(cred.uid);
+            }
+            // SAFETY: CMSG_NXTHDR walks within msg_controllen and returns null at the end.
+            cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+        }
+    }
+    Ok(out)
+}

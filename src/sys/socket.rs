@@ -117,6 +117,18 @@ pub fn set_reuseport(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, on as i32)
 }
 
+/// `getsockopt(SOL_SOCKET, SO_REUSEPORT)`: whether the socket has it on.
+pub fn reuseport(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT)? != 0)
+}
+
+/// `setsockopt(SOL_SOCKET, SO_PASSCRED)`: every message this `AF_UNIX`
+/// socket receives then carries its sender's `SCM_CREDENTIALS` (pid, uid,
+/// gid, as the kernel saw them; see [`super::msg::recv_cred`]).
+pub fn set_passcred(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, i32::from(on))
+}
+
 /// `setsockopt(IPPROTO_IPV6, IPV6_V6ONLY)`.
 pub fn set_ipv6_only(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, on as i32)
