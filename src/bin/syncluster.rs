@@ -1,5 +1,5 @@
 //! `syncluster`: runs any program as a cluster, with its sockets passed the
-//! systemd way (see `docs/command.md`).
+//! systemd way (README.md, "The command").
 //!
 //! ```text
 //! syncluster [--workers N] [--listen [NAME=]ADDR]... [--policy shared|reuseport]
