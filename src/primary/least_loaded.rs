@@ -5,7 +5,8 @@
 //! acknowledgement carries, and the reports of falls that no
 //! acknowledgement carried) plus what was handed to it and not yet taken.
 //! The next connection goes to the worker with the lowest [`Rank`] that has
-//! room in its window; ties go round robin. With more than [`SCAN_MAX`]
+//! room in its window: an idle worker (back in its loop, see below) before
+//! a busy one, then the fewest connections; ties go round robin. With more than [`SCAN_MAX`]
 //! workers, two are drawn at random and the better one is taken (power of
 //! two choices), so a turn costs the same at 64 workers as at 2.
 //!
@@ -73,10 +74,12 @@ impl Load {
 }
 
 /// A worker's standing for the next connection; lower is better, and a
-/// blocked one is passed over.
+/// blocked one is passed over. Idle (said it is back in its loop) before
+/// busy (took a connection since), then the count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Rank {
     blocked: bool,
+    busy: bool,
     count: u64,
 }
 
@@ -92,6 +95,7 @@ impl Slot {
         let full = self.load.busy && in_flight >= 1;
         Rank {
             blocked: !force && (stuck || silent || full),
+            busy: self.load.busy,
             count: u64::from(self.load.open) + in_flight as u64,
         }
     }
