@@ -5,7 +5,8 @@
 //! acknowledgement carries, and the reports of falls that no
 //! acknowledgement carried) plus what was handed to it and not yet taken.
 //! The next connection goes to the worker with the lowest [`Rank`] that has
-//! room in its window; ties go round robin. With more than [`SCAN_MAX`]
+//! room in its window: an idle worker (back in its loop, see below) before
+//! a busy one, then the fewest connections; ties go round robin. With more than [`SCAN_MAX`]
 //! workers, two are drawn at random and the better one is taken (power of
 //! two choices), so a turn costs the same at 64 workers as at 2.
 //!
@@ -13,13 +14,15 @@
 //! with fast ones. A worker says when it is back in its loop with nothing
 //! to do (a load report, at most 1 ms after its last acknowledgement), and
 //! these pass a worker over:
-//! - **busy, one waiting**: its last word was that it took a connection, and
-//!   a connection handed to it waits: a busy worker's window is one, so
-//!   that a worker that just began a slow request traps one connection at
-//!   most (an idle worker's is the full window);
-//! - **stuck**: connections handed over and none taken for [`STUCK`];
-//! - **silent**: busy, and nothing came since for [`SILENT`] (a busy worker
-//!   acknowledges all the time; an idle one said so).
+//! - **busy, one waiting** (ranked after every other worker, but not
+//!   skipped): its last word was that it took a connection, and a
+//!   connection handed to it waits. A worker that just began a slow
+//!   request gets more only when every other one has one waiting too, and
+//!   then the one heard from last gets it;
+//! - **stuck** (skipped): connections handed over and none taken for
+//!   [`STUCK`];
+//! - **silent** (skipped): busy, and nothing came since for [`SILENT`] (a
+//!   busy worker acknowledges all the time; an idle one said so).
 //!
 //! A worker passed over gets nothing until it speaks again: the connection
 //! waits in the primary's queue for the first worker that can take it,
@@ -73,10 +76,16 @@ impl Load {
 }
 
 /// A worker's standing for the next connection; lower is better, and a
-/// blocked one is passed over.
+/// blocked one is passed over. One with a connection waiting while busy
+/// comes last (the one heard from last first, among those); then idle
+/// (said it is back in its loop) before busy (took a connection since),
+/// then the count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Rank {
     blocked: bool,
+    deferred: bool,
+    quiet: u64,
+    busy: bool,
     count: u64,
 }
 
@@ -88,10 +97,19 @@ impl Slot {
             !self.in_flight.is_empty() && now.saturating_duration_since(self.progress) >= STUCK;
         let silent = self.load.busy && now.saturating_duration_since(self.load.heard) >= SILENT;
         let in_flight = self.in_flight.len() + pending;
-        // Busy: one connection waits for it at a time.
-        let full = self.load.busy && in_flight >= 1;
+        let deferred = self.load.busy && in_flight >= 1;
+        // Among the deferred, the one heard from last is the least likely
+        // to be blocked.
+        let quiet = if deferred {
+            now.saturating_duration_since(self.load.heard).as_micros() as u64
+        } else {
+            0
+        };
         Rank {
-            blocked: !force && (stuck || silent || full),
+            blocked: !force && (stuck || silent),
+            deferred,
+            quiet,
+            busy: self.load.busy,
             count: u64::from(self.load.open) + in_flight as u64,
         }
     }
@@ -175,6 +193,21 @@ mod tests {
             let (lo, hi) = (seen.iter().min().unwrap(), seen.iter().max().unwrap());
             assert!(*lo > 0 && hi / lo < 3, "n {n}: {seen:?}");
         }
+    }
+
+    #[test]
+    fn rank_puts_a_busy_worker_with_one_waiting_last_then_busy_then_the_count() {
+        let r = |deferred, quiet, busy, count| Rank {
+            blocked: false,
+            deferred,
+            quiet,
+            busy,
+            count,
+        };
+        assert!(r(false, 0, true, 9) < r(true, 0, false, 0));
+        assert!(r(true, 10, true, 9) < r(true, 500, true, 1));
+        assert!(r(false, 0, false, 9) < r(false, 0, true, 0));
+        assert!(r(false, 0, true, 1) < r(false, 0, true, 2));
     }
 
     #[test]
