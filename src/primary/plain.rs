@@ -82,7 +82,7 @@ use super::event_loop::TOKEN_NOTIFY;
 use super::shared::{self, Address, BindOptions};
 use super::workers::{Slot, State};
 use super::{Event, Primary, Stdio};
-use crate::env::{ENV_CHANNEL_FD, ENV_FDS, ENV_WORKER_ID, ENV_WORKER_PID};
+use crate::env::ENV_WORKER_ID;
 use crate::protocol::{Endpoint, Policy};
 use crate::signal::Signal;
 use crate::sys::{self, epoll, msg, process, signal, socket};
@@ -265,37 +265,15 @@ impl Primary {
             .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
         let mut argv: Vec<OsString> = vec![exec.clone().into()];
         argv.extend(s.args.iter().flatten().cloned());
-        let ours = |k: &OsStr| {
-            k == ENV_WORKER_ID
-                || k == ENV_CHANNEL_FD
-                || k == ENV_WORKER_PID
-                || k == ENV_FDS
-                || crate::systemd::is_primary_only(k)
-        };
-        let mut vars: Vec<(OsString, OsString)> =
-            std::env::vars_os().filter(|(k, _)| !ours(k)).collect();
-        let mut set = |k: &OsStr, v: &OsStr| {
-            if let Some(slot) = vars.iter_mut().find(|(key, _)| key == k) {
-                slot.1 = v.to_owned();
-            } else {
-                vars.push((k.to_owned(), v.to_owned()));
-            }
-        };
-        for (k, v) in &s.env {
-            set(k, v);
-        }
-        for (k, v) in env {
-            set(k.as_ref(), v.as_ref());
-        }
-        set(OsStr::new(ENV_WORKER_ID), OsStr::new(&id.to_string()));
-        set(
-            OsStr::new("LISTEN_FDS"),
-            OsStr::new(&hids.len().to_string()),
-        );
-        set(OsStr::new("LISTEN_FDNAMES"), OsStr::new(&names.join(":")));
-        set(
-            OsStr::new("NOTIFY_SOCKET"),
-            OsStr::new(&format!("@{notify_name}")),
+        let vars = super::workers::worker_env(
+            &s.env,
+            env,
+            &[
+                (ENV_WORKER_ID, id.to_string()),
+                ("LISTEN_FDS", hids.len().to_string()),
+                ("LISTEN_FDNAMES", names.join(":")),
+                ("NOTIFY_SOCKET", format!("@{notify_name}")),
+            ],
         );
         let mut plan = process::SpawnPlan::new(&exec, &argv, &vars)?;
         if let Some(cwd) = &s.cwd {

@@ -183,42 +183,19 @@ impl Primary {
             Some(args) => argv.extend(args.iter().cloned()),
             None => argv.extend(std::env::args_os().skip(1)),
         }
-        // Ours, and systemd's, which only the primary may speak.
-        let ours = |k: &OsStr| {
-            k == ENV_WORKER_ID
-                || k == ENV_CHANNEL_FD
-                || k == ENV_WORKER_PID
-                || k == ENV_FDS
-                || crate::systemd::is_primary_only(k)
-        };
-        let mut vars: Vec<(OsString, OsString)> =
-            std::env::vars_os().filter(|(k, _)| !ours(k)).collect();
-        let mut set = |k: &OsStr, v: &OsStr| {
-            if let Some(slot) = vars.iter_mut().find(|(key, _)| key == k) {
-                slot.1 = v.to_owned();
-            } else {
-                vars.push((k.to_owned(), v.to_owned()));
-            }
-        };
-        for (k, v) in &s.env {
-            set(k, v);
-        }
-        for (k, v) in env {
-            set(k.as_ref(), v.as_ref());
-        }
-        set(OsStr::new(ENV_WORKER_ID), OsStr::new(&id.to_string()));
-        set(
-            OsStr::new(ENV_CHANNEL_FD),
-            OsStr::new(&CHANNEL_FD.to_string()),
-        );
         let extra = s.extra_fds.clone();
         for (i, (_, target)) in extra.iter().enumerate() {
             super::check_extra_fd(*target, &extra[..i])?;
         }
+        let mut ours = vec![
+            (ENV_WORKER_ID, id.to_string()),
+            (ENV_CHANNEL_FD, CHANNEL_FD.to_string()),
+        ];
         if !extra.is_empty() {
             let list: Vec<String> = extra.iter().map(|(_, t)| t.to_string()).collect();
-            set(OsStr::new(ENV_FDS), OsStr::new(&list.join(",")));
+            ours.push((ENV_FDS, list.join(",")));
         }
+        let vars = worker_env(&s.env, env, &ours);
         let mut plan = process::SpawnPlan::new(&exec, &argv, &vars)?;
         if let Some(cwd) = &s.cwd {
             plan.cwd(cwd)?;
@@ -595,4 +572,40 @@ impl Primary {
             None => id != 0 && id < self.next_id,
         }
     }
+}
+
+/// A worker's environment: the primary's, less the cluster's own variables
+/// and systemd's (only the primary speaks to systemd), then the settings'
+/// and the fork's additions, then `ours` (which win).
+pub(super) fn worker_env<K: AsRef<OsStr>, V: AsRef<OsStr>>(
+    settings_env: &[(OsString, OsString)],
+    env: &[(K, V)],
+    ours: &[(&str, String)],
+) -> Vec<(OsString, OsString)> {
+    let reserved = |k: &OsStr| {
+        k == ENV_WORKER_ID
+            || k == ENV_CHANNEL_FD
+            || k == ENV_WORKER_PID
+            || k == ENV_FDS
+            || crate::systemd::is_primary_only(k)
+    };
+    let mut vars: Vec<(OsString, OsString)> =
+        std::env::vars_os().filter(|(k, _)| !reserved(k)).collect();
+    let mut set = |k: &OsStr, v: &OsStr| {
+        if let Some(slot) = vars.iter_mut().find(|(key, _)| key == k) {
+            slot.1 = v.to_owned();
+        } else {
+            vars.push((k.to_owned(), v.to_owned()));
+        }
+    };
+    for (k, v) in settings_env {
+        set(k, v);
+    }
+    for (k, v) in env {
+        set(k.as_ref(), v.as_ref());
+    }
+    for (k, v) in ours {
+        set(OsStr::new(k), OsStr::new(v));
+    }
+    vars
 }
