@@ -31,6 +31,8 @@ ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDe
 ap.add_argument("--quick", action="store_true", help="one round of 2 s runs (about 2 minutes)")
 ap.add_argument("--workers", default="1,2,4", help="comma-separated worker counts (default 1,2,4)")
 ap.add_argument("--mixed", action="store_true", help="only the mixed-load table (slow requests among fast ones)")
+ap.add_argument("--modes", default="keep-alive,close", help="comma-separated: keep-alive, close (default both)")
+ap.add_argument("--no-mixed", action="store_true", help="skip the mixed-load table")
 ap.add_argument("--only", default="", help="comma-separated words: run only the servers whose name has one "
                 "(e.g. node: Node's cluster and the command running Node)")
 ARGS = ap.parse_args()
@@ -42,7 +44,9 @@ try:
     assert WORKERS and all(w > 0 for w in WORKERS)
 except (ValueError, AssertionError):
     sys.exit(f"--workers: expected positive numbers separated by commas, got {ARGS.workers!r}")
-MODES = ["keep-alive", "close"]
+MODES = [m for m in ARGS.modes.split(",") if m]
+if not MODES or any(m not in ("keep-alive", "close") for m in MODES):
+    sys.exit(f"--modes: expected keep-alive and/or close, got {ARGS.modes!r}")
 HELLO = os.path.join(ROOT, "target/release/examples/hello")
 PREFORK = os.path.join(ROOT, "target/bench/prefork")
 C_HELLO = os.path.join(ROOT, "target/c/hello")
@@ -219,12 +223,15 @@ def main():
         lines.append(f"| {impl} | {st * 1000:.0f} ms | {kb / 1024:.1f} MiB |" if kb else f"| {impl} | {st * 1000:.0f} ms | - |")
     lines += reuseport_summary(results, med)
     lines.append("")
-    lines += mixed_table()
+    if not ARGS.no_mixed:
+        lines += mixed_table()
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(OUT, "report.md"), "w") as f:
         f.write("# syncluster benchmark\n\nProduced by `scripts/bench.sh" + (" --quick" if QUICK else "")
                 + (f" --workers {ARGS.workers}" if ARGS.workers != "1,2,4" else "")
+                + (f" --modes {ARGS.modes}" if ARGS.modes != "keep-alive,close" else "")
+                + (" --no-mixed" if ARGS.no_mixed else "")
                 + (f" --only {ARGS.only}" if ARGS.only else "") + "`.\n\n" + text + "\n")
     write_svg(chart)
     print(f"\nwrote {OUT}/report.md and {OUT}/throughput.svg", file=sys.stderr)
@@ -258,7 +265,10 @@ MIXED_WORKERS = [2, 4]
 
 def mixed_impls():
     impls = ["syncluster rr", "syncluster least-loaded", "syncluster shared", "syncluster reuseport"]
-    return impls + (["node rr", "node none"] if NODE else [])
+    impls += ["node rr", "node none"] if NODE else []
+    if ARGS.only:
+        impls = [i for i in impls if any(w and w in i for w in ARGS.only.split(","))]
+    return impls
 
 
 def run_mixed(port):
@@ -279,6 +289,8 @@ def mixed_table():
     """Runs the mixed load over every server in interleaved rounds; the
     table's lines (medians)."""
     impls = mixed_impls()
+    if "syncluster rr" not in impls or "syncluster shared" not in impls:
+        return ["Mixed load: skipped (--only left out syncluster rr or shared, its yardsticks)."]
     configs = [(i, w) for w in MIXED_WORKERS for i in impls]
     results = {}
     total, n = ROUNDS * len(configs), 0

@@ -62,13 +62,19 @@ static void serve(int c) {
         }
         if (r.head_only && !r.status) out_len -= HELLO_BODY_LEN;
         if (write(c, out, out_len) != (ssize_t)out_len) return;
+        size_t used = r.head_len < len ? r.head_len : len;
         if (!r.keep_alive) {
-            /* Close after the client does: no RST for bytes it still sends. */
-            shutdown(c, SHUT_WR);
-            while (read(c, buf, sizeof buf) > 0) {}
+            /* Bytes of the client's still unread would turn close() into
+             * an RST, which can destroy the response in flight: read them
+             * to EOF first. With none (the usual case) close at once;
+             * waiting for the client's FIN would cost this blocking worker
+             * a round trip per connection. */
+            if (used < len || r.body) {
+                shutdown(c, SHUT_WR);
+                while (read(c, buf, sizeof buf) > 0) {}
+            }
             return;
         }
-        size_t used = r.head_len < len ? r.head_len : len;
         memmove(buf, buf + used, len - used); /* keep a pipelined next request */
         len -= used;
         discard = r.body;
