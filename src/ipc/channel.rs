@@ -147,6 +147,10 @@ pub struct Channel {
     offset: u64,
     batches: VecDeque<Batch>,
     eof: bool,
+    /// The last read took less than it had room for and no fds: the socket
+    /// was empty then (Unix stream reads only stop short at an skb with
+    /// fds, or with nothing left).
+    drained: bool,
     // A protocol error found ahead of the frames before it: those frames
     // (ending by this stream offset) are delivered first, then the error.
     deferred: Option<(u64, io::Error)>,
@@ -183,6 +187,7 @@ impl Channel {
             offset: 0,
             batches: VecDeque::new(),
             eof: false,
+            drained: false,
             deferred: None,
             broken: None,
             out: VecDeque::new(),
@@ -387,6 +392,21 @@ impl Channel {
         }
     }
 
+    /// Like [`Channel::try_recv`], but `WouldBlock` without a syscall when
+    /// the last read emptied the socket. For a caller woken by a
+    /// level-triggered poll, which reports anything that arrives later:
+    /// it saves the `recvmsg` that would only say `EAGAIN`.
+    pub fn try_recv_lazy(&mut self) -> io::Result<Recv> {
+        if self.drained && !self.eof && self.deferred.is_none() {
+            if let Some(frame) = self.parse()? {
+                return Ok(Recv::Frame(frame));
+            }
+            self.drained = false;
+            return Ok(Recv::WouldBlock);
+        }
+        self.try_recv()
+    }
+
     /// Blocks for the next frame. `Ok(None)` when the peer closed the channel
     /// at a frame boundary.
     pub fn recv(&mut self) -> io::Result<Option<Frame>> {
@@ -475,6 +495,7 @@ impl Channel {
             &mut fds,
             dontwait,
         );
+        let room = self.buf.len() - self.tail;
         let (n, truncated) = match res {
             Ok(n) => (n, false),
             Err(e) => match e
@@ -489,6 +510,7 @@ impl Channel {
             self.eof = true;
             return Ok(());
         }
+        self.drained = n < room && fds.is_empty() && !truncated;
         self.tail += n;
         if !fds.is_empty() || truncated {
             self.batches.push_back(Batch {

@@ -41,6 +41,9 @@ pub(super) struct Budget {
     frames: usize,
     bytes: usize,
     fds: usize,
+    /// Trust a short read to mean empty (see `Channel::try_recv_lazy`):
+    /// right in a turn woken by epoll, wrong for what an exited worker left.
+    lazy: bool,
 }
 
 impl Budget {
@@ -49,6 +52,7 @@ impl Budget {
         frames: 64,
         bytes: 256 * 1024,
         fds: 256,
+        lazy: true,
     };
     /// What a worker that just exited left in its channel: more than an
     /// honest one can have queued (the socket buffer), less than what a
@@ -57,6 +61,7 @@ impl Budget {
         frames: 8192,
         bytes: 8 * 1024 * 1024,
         fds: 2048,
+        lazy: false,
     };
 }
 
@@ -278,7 +283,12 @@ impl Primary {
                 }
                 return;
             }
-            match ch.try_recv() {
+            let res = if budget.lazy {
+                ch.try_recv_lazy()
+            } else {
+                ch.try_recv()
+            };
+            match res {
                 Ok(Recv::Frame(f)) => {
                     frames += 1;
                     bytes += HEADER_LEN + f.payload.len();
