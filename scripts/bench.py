@@ -20,10 +20,9 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import time
-
-import re
 
 from harness import CLK_TCK, ROOT, Server, cpu_ticks, free_port, ms, now, rss_kb, run_wrk, wait_until
 
@@ -49,6 +48,7 @@ if not MODES or any(m not in ("keep-alive", "close") for m in MODES):
     sys.exit(f"--modes: expected keep-alive and/or close, got {ARGS.modes!r}")
 HELLO = os.path.join(ROOT, "target/release/examples/hello")
 PREFORK = os.path.join(ROOT, "target/bench/prefork")
+FLOOR = os.path.join(ROOT, "target/bench/handoff_floor")
 C_HELLO = os.path.join(ROOT, "target/c/hello")
 NODE = shutil.which("node")
 COMMAND = os.path.join(ROOT, "target/release/syncluster")
@@ -222,6 +222,8 @@ def main():
         kb = med(rss.get(impl, []))
         lines.append(f"| {impl} | {st * 1000:.0f} ms | {kb / 1024:.1f} MiB |" if kb else f"| {impl} | {st * 1000:.0f} ms | - |")
     lines += reuseport_summary(results, med)
+    if "close" in MODES:
+        lines += floor_lines()
     lines.append("")
     if not ARGS.no_mixed:
         lines += mixed_table()
@@ -235,6 +237,33 @@ def main():
                 + (f" --only {ARGS.only}" if ARGS.only else "") + "`.\n\n" + text + "\n")
     write_svg(chart)
     print(f"\nwrote {OUT}/report.md and {OUT}/throughput.svg", file=sys.stderr)
+
+
+def floor_lines():
+    """The kernel's floor for a round-robin primary's per-connection work on
+    this machine (scripts/handoff_floor.c), in this same run: median of
+    ROUNDS runs of each mode."""
+    if not os.path.exists(FLOOR):
+        print(f"{FLOOR} missing: skipping the handoff floor (scripts/bench.sh builds it)", file=sys.stderr)
+        return []
+    figures = {}
+    for _ in range(ROUNDS):
+        for mode in ("handoff", "ack"):
+            out = subprocess.run([FLOOR, "20000", mode], capture_output=True, text=True, timeout=120).stdout
+            m = re.search(r"([\d.]+) us/conn \(([\d.]+) conn/s, ([\d.]+) wakes", out)
+            if m:
+                figures.setdefault(mode, []).append(tuple(float(x) for x in m.groups()))
+    if not figures:
+        return []
+    lines = ["", "Kernel floor of a primary's per-connection work (scripts/handoff_floor.c, same run, "
+             "no cluster library): epoll_wait, accept4, sendmsg(SCM_RIGHTS), close.", "",
+             "| floor | primary CPU µs/conn | conn/s | wakes/conn |", "|---|---:|---:|---:|"]
+    names = {"handoff": "handoff, copy closed at once (nothing to requeue)",
+             "ack": "handoff, copy kept until the worker acknowledges (syncluster's rr)"}
+    for mode, xs in figures.items():
+        us, rate, wakes = (statistics.median(x[i] for x in xs) for i in range(3))
+        lines.append(f"| {names[mode]} | {us:.1f} | {rate:,.0f} | {wakes:.2f} |")
+    return lines
 
 
 def reuseport_summary(results, med):

@@ -17,4 +17,5 @@ fi
 cargo build --release --example hello --example request_counter --bin syncluster
 mkdir -p target/bench
 cc -O2 -Wall -Wextra -Werror -o target/bench/prefork scripts/prefork.c
+cc -O2 -Wall -Wextra -Werror -o target/bench/handoff_floor scripts/handoff_floor.c
 exec python3 scripts/bench.py "$@"
