@@ -47,7 +47,10 @@ impl QueryFlags {
     pub const READABLE_ALL: QueryFlags = QueryFlags(4);
     /// Unix socket file writable by all (Node's `writableAll`).
     pub const WRITABLE_ALL: QueryFlags = QueryFlags(8);
-    const ALL: u8 = 15;
+    /// `TCP_DEFER_ACCEPT` on the listening socket (nginx's `deferred`); not
+    /// part of the key: the primary sets it on the socket when asked.
+    pub const DEFER_ACCEPT: QueryFlags = QueryFlags(16);
+    const ALL: u8 = 31;
 
     /// No option.
     pub const fn empty() -> QueryFlags {
@@ -404,8 +407,8 @@ impl Query {
         key
     }
 
-    /// Encodes: tag u8 (low nibble: 0 ip, 1 any, 2 unix, 3 fd, 4 name; high
-    /// nibble: the flags), index u32, backlog u32, port u16, text (the
+    /// Encodes: tag u8 (low 3 bits: 0 ip, 1 any, 2 unix, 3 fd, 4 name; high
+    /// 5 bits: the flags), index u32, backlog u32, port u16, text (the
     /// address, the path, or the fd as u32). Without flags the tag is the
     /// endpoint kind alone.
     pub fn encode(&self) -> Vec<u8> {
@@ -420,7 +423,7 @@ impl Query {
             Endpoint::Fd(n) => (3u8, 0, n.to_le_bytes().to_vec()),
             Endpoint::Name(n) => (4u8, 0, n.clone().into_bytes()),
         };
-        out.push(tag | self.flags.bits() << 4);
+        out.push(tag | self.flags.bits() << 3);
         out.extend_from_slice(&self.index.to_le_bytes());
         out.extend_from_slice(&self.backlog.to_le_bytes());
         out.extend_from_slice(&port.to_le_bytes());
@@ -437,8 +440,8 @@ impl Query {
             )
         };
         let tag = take(&mut buf, 1)?[0];
-        let flags = QueryFlags::from_bits(tag >> 4).ok_or_else(|| bad("unknown flags"))?;
-        let tag = tag & 0x0f;
+        let flags = QueryFlags::from_bits(tag >> 3).ok_or_else(|| bad("unknown flags"))?;
+        let tag = tag & 0x07;
         let index = take_u32(&mut buf)?;
         let backlog = take_u32(&mut buf)?;
         let p = take(&mut buf, 2)?;
@@ -483,6 +486,13 @@ impl Query {
         let mode =
             flags.contains(QueryFlags::READABLE_ALL) || flags.contains(QueryFlags::WRITABLE_ALL);
         let v6only = flags.contains(QueryFlags::IPV6_ONLY);
+        if flags.contains(QueryFlags::DEFER_ACCEPT)
+            && (udp || !matches!(endpoint, Endpoint::Tcp(..)))
+        {
+            return Err(bad(
+                "TCP_DEFER_ACCEPT asked for a socket that is not a TCP address",
+            ));
+        }
         match &endpoint {
             Endpoint::Unix(_) if udp || v6only => {
                 return Err(bad("UDP or IPV6_V6ONLY asked for a Unix socket"))
@@ -698,9 +708,9 @@ mod tests {
             };
             assert_eq!(Query::decode(&q.encode()).unwrap(), q);
         }
-        let head = |tag: u8, flags: u8| vec![tag | flags << 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let head = |tag: u8, flags: u8| vec![tag | flags << 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         assert!(Query::decode(&[]).is_err());
-        assert!(Query::decode(&head(9, 0)).is_err());
+        assert!(Query::decode(&head(7, 0)).is_err());
         assert!(Query::decode(&[head(0, 0), b"x".to_vec()].concat()).is_err());
         assert!(Query::decode(&[head(2, 0), b"x".to_vec()].concat()).is_err());
         // Unknown flags, and flags that do not fit the endpoint.
@@ -711,6 +721,9 @@ mod tests {
         assert!(Query::decode(&[head(4, 0), b":".to_vec()].concat()).is_err());
         assert!(Query::decode(&[head(2, 1), b"/x".to_vec()].concat()).is_err());
         assert!(Query::decode(&head(1, 4)).is_err());
+        assert!(Query::decode(&head(1, 16)).is_ok());
+        assert!(Query::decode(&[head(2, 16), b"/x".to_vec()].concat()).is_err());
+        assert!(Query::decode(&head(1, 17)).is_err());
         assert!(Query::decode(&[head(0, 2), b"1.2.3.4".to_vec()].concat()).is_err());
         assert!(Query::decode(&[head(3, 0), vec![0xff; 4]].concat()).is_err());
         // UDP and v6-only make another handle key; the mode does not.
@@ -722,6 +735,11 @@ mod tests {
         };
         assert_ne!(q(QueryFlags::UDP).key(), q(QueryFlags::empty()).key());
         assert_ne!(q(QueryFlags::IPV6_ONLY).key(), q(QueryFlags::empty()).key());
+        // A socket option set on the socket whenever asked, as the mode.
+        assert_eq!(
+            q(QueryFlags::DEFER_ACCEPT).key(),
+            q(QueryFlags::empty()).key()
+        );
     }
 
     #[test]

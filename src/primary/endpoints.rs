@@ -105,6 +105,7 @@ impl Primary {
             udp,
             ipv6_only: q.flags.contains(QueryFlags::IPV6_ONLY),
             reuse_port: policy == Policy::ReusePort,
+            defer_accept: q.flags.contains(QueryFlags::DEFER_ACCEPT),
             add_mode,
         };
         let (fd, address, unix) = shared::bind(&q.endpoint, dir, &opts)?;

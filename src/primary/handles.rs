@@ -15,8 +15,8 @@ use super::round_robin::Conn;
 use super::shared::{self, Address, Named, UnixFile};
 use super::Primary;
 use crate::ipc::wire::Kind;
-use crate::protocol::{self, Endpoint, Policy, Query};
-use crate::sys::epoll;
+use crate::protocol::{self, Endpoint, Policy, Query, QueryFlags};
+use crate::sys::{self, epoll};
 
 // errno values a refused query carries to the worker's `listen()`.
 const ENOENT: i32 = 2;
@@ -229,6 +229,17 @@ impl Primary {
                     .map_err(|e| shared::named_error(e, &what))?
             }
         };
+        if q.flags.contains(QueryFlags::DEFER_ACCEPT) {
+            // A listening socket takes it at any time, so a socket made
+            // before (pre-bound, or by another worker) gets it too.
+            let fd = self.handles[&hid].fd.as_fd();
+            if let Err(e) = sys::socket::set_defer_accept(fd, shared::DEFER_ACCEPT_SECS) {
+                if existing.is_none() {
+                    self.close_handle(hid);
+                }
+                return Err(shared::named_error(e, &what));
+            }
+        }
         let shared_fd = if self.handles[&hid].policy.worker_accepts() {
             match self.worker_socket(hid, id, q) {
                 Ok(fd) => Some(fd),

@@ -106,6 +106,7 @@ impl Primary {
                     backlog: backlog.min(i32::MAX as u32) as i32,
                     ipv6_only: q.flags.contains(QueryFlags::IPV6_ONLY),
                     reuse_port: true,
+                    defer_accept: q.flags.contains(QueryFlags::DEFER_ACCEPT),
                     ..BindOptions::default()
                 },
                 slots: vec![PortSlot {

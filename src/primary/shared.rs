@@ -50,11 +50,18 @@ pub(crate) struct BindOptions {
     pub ipv6_only: bool,
     /// `SO_REUSEPORT` on (a worker's own socket).
     pub reuse_port: bool,
+    /// `TCP_DEFER_ACCEPT` on a TCP listener.
+    pub defer_accept: bool,
     /// Permission bits added to a Unix socket file's mode after bind
     /// (`0o444` readable by all, `0o222` writable by all), as libuv's
     /// `uv_pipe_chmod`.
     pub add_mode: u32,
 }
+
+/// How long a connection with no data may wait under `TCP_DEFER_ACCEPT`
+/// before `accept` returns it anyway (the kernel rounds to its SYN-ACK
+/// retransmissions).
+pub(crate) const DEFER_ACCEPT_SECS: i32 = 5;
 
 fn inet_socket(addr: SocketAddr, v6only: Option<bool>, opts: &BindOptions) -> io::Result<OwnedFd> {
     let fd = if opts.udp {
@@ -72,6 +79,9 @@ fn inet_socket(addr: SocketAddr, v6only: Option<bool>, opts: &BindOptions) -> io
     }
     socket::bind(fd.as_fd(), &addr)?;
     if !opts.udp {
+        if opts.defer_accept {
+            socket::set_defer_accept(fd.as_fd(), DEFER_ACCEPT_SECS)?;
+        }
         socket::listen(fd.as_fd(), opts.backlog)?;
     }
     Ok(fd)

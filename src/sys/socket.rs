@@ -117,6 +117,13 @@ pub fn set_reuseport(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, on as i32)
 }
 
+/// `setsockopt(IPPROTO_TCP, TCP_DEFER_ACCEPT, secs)`: `accept` returns a
+/// connection only once its first data arrived (or after about `secs`
+/// seconds). nginx's `listen ... deferred`.
+pub fn set_defer_accept(fd: BorrowedFd<'_>, secs: i32) -> io::Result<()> {
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, secs)
+}
+
 /// `getsockopt(SOL_SOCKET, SO_REUSEPORT)`: whether the socket has it on.
 pub fn reuseport(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT)? != 0)

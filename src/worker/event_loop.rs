@@ -32,13 +32,18 @@ pub(super) const USER_TOKENS: u64 = 1 << 62;
 /// How long a shared listener rests after `accept` failed for want of
 /// resources (`EMFILE`...): it stays readable, so retrying at once would spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// A shared listener that just gave a connection is tried again before the
+/// next `epoll_wait`, as a blocking `accept` would be: under load the wait
+/// is a syscall per connection for nothing. At most this many times in a
+/// row, so that the channel and the program's fds are looked at too.
+const HOT_ACCEPTS: u32 = 8;
 
 /// How long a worker-initiated disconnect waits for the primary's ack.
 const DISCONNECT_ACK: Duration = Duration::from_secs(5);
 
 /// Counts for the primary (see `note_served`) go in one frame once this
 /// many are unsent, or once the last frame is `REPORT_AGE` old.
-const REPORT_BATCH: u64 = 16;
+const REPORT_BATCH: u64 = 64;
 const REPORT_AGE: Duration = Duration::from_millis(50);
 /// Least-loaded: once the worker is back in its loop with nothing to do,
 /// it tells the primary (which then knows it is not blocked on a
@@ -69,6 +74,10 @@ pub(super) struct Inner {
     next_req: u32,
     /// Listeners whose queue has connections, round robin among them.
     ready_cursor: usize,
+    /// The shared listener that gave the last connection, and how many
+    /// times in a row it was tried without an `epoll_wait` (`HOT_ACCEPTS`).
+    hot: Option<usize>,
+    hot_streak: u32,
     /// Open connections, and the wake socketpair once a shared listener
     /// got a cap.
     pub(super) counts: Arc<WorkerCount>,
@@ -182,6 +191,8 @@ impl Inner {
             acked: Vec::new(),
             next_req: 1,
             ready_cursor: 0,
+            hot: None,
+            hot_streak: 0,
             counts: Arc::new(WorkerCount::default()),
             mapped,
             unsent: Unsent {
@@ -362,6 +373,7 @@ impl Inner {
             resting_until: None,
             max: None,
             nonblocking: false,
+            nonblocking_connections: opts.nonblocking_connections,
             count: ListenerCount::new(&self.counts),
             queue: VecDeque::new(),
         }));
@@ -389,6 +401,7 @@ impl Inner {
             udp: false,
             ipv6_only: opts.ipv6_only,
             reuse_port: opts.reuse_port,
+            defer_accept: opts.defer_accept,
             add_mode: opts.add_mode(),
         };
         let (fd, address, unix_file) = shared::bind(endpoint, None, &bind)?;
@@ -410,6 +423,7 @@ impl Inner {
             resting_until: None,
             max: None,
             nonblocking: false,
+            nonblocking_connections: opts.nonblocking_connections,
             count: ListenerCount::new(&self.counts),
             queue: VecDeque::new(),
         }));
@@ -672,6 +686,20 @@ impl Inner {
             // would never report those.
             return self.read_channel(false);
         }
+        if let Some(idx) = self.hot.take() {
+            if self.hot_streak < HOT_ACCEPTS && !self.disconnecting() {
+                if let Some(stream) = self.try_accept_shared(idx) {
+                    self.hot = Some(idx);
+                    self.hot_streak += 1;
+                    self.pending.push_back(Event::Connection {
+                        listener: idx,
+                        stream,
+                    });
+                    return Ok(());
+                }
+            }
+        }
+        self.hot_streak = 0;
         let wake = [self.resume_listeners(), self.report_load()]
             .into_iter()
             .flatten()
@@ -701,6 +729,7 @@ impl Inner {
                         continue;
                     }
                     if let Some(stream) = self.try_accept_shared(idx) {
+                        self.hot = Some(idx);
                         self.pending.push_back(Event::Connection {
                             listener: idx,
                             stream,
@@ -806,7 +835,7 @@ impl Inner {
             return None;
         }
         let fd = l.shared.as_ref()?;
-        match sys::socket::accept(fd.as_fd(), false) {
+        match sys::socket::accept(fd.as_fd(), l.nonblocking_connections) {
             Ok(conn) => {
                 let stream = Stream::new(conn, l.unix, &l.count);
                 if l.max.is_some() {
@@ -876,6 +905,12 @@ impl Inner {
     fn pop_queued(&mut self, idx: usize) -> Option<Stream> {
         let l = self.listeners.get_mut(idx)?.as_mut()?;
         let (cid, fd) = l.queue.pop_front()?;
+        if l.nonblocking_connections {
+            // One file description with the primary's copy: harmless, the
+            // primary never reads it, and a taken connection is never
+            // handed to anyone else.
+            let _ = sys::fd::set_nonblocking(fd.as_fd(), true);
+        }
         let (handle, stream) = (l.handle, Stream::new(fd, l.unix, &l.count));
         self.send_reply(0, handle, &[cid]);
         Some(stream)
@@ -995,7 +1030,7 @@ impl Inner {
                 l.in_epoll = false;
             }
             while !l.count.pause_if_full(l.max) {
-                let Ok(conn) = sys::socket::accept(fd.as_fd(), false) else {
+                let Ok(conn) = sys::socket::accept(fd.as_fd(), l.nonblocking_connections) else {
                     break;
                 };
                 let stream = Stream::new(conn, l.unix, &l.count);

@@ -51,6 +51,8 @@ pub struct ListenOptions {
     pub(super) readable_all: bool,
     pub(super) writable_all: bool,
     pub(super) fd: Option<i32>,
+    pub(super) defer_accept: bool,
+    pub(super) nonblocking_connections: bool,
 }
 
 impl ListenOptions {
@@ -116,6 +118,29 @@ impl ListenOptions {
         self
     }
 
+    /// `TCP_DEFER_ACCEPT` on the listening socket (nginx's `listen ...
+    /// deferred`): a connection is accepted (by the primary in round
+    /// robin, by a worker otherwise) only once its first bytes arrived, so
+    /// the first read does not wait, and a client that connects and sends
+    /// nothing costs no accept (it is let through after about 5 s). TCP
+    /// addresses only. Unlike `ipv6_only` it is not part of the handle's
+    /// key: the primary turns it on for the socket every worker of that
+    /// address shares (a pre-bound one too) once one asks for it.
+    pub fn defer_accept(mut self, on: bool) -> ListenOptions {
+        self.defer_accept = on;
+        self
+    }
+
+    /// Connections come in non-blocking mode (`accept4` with
+    /// `SOCK_NONBLOCK`; in round robin the worker sets `O_NONBLOCK` as it
+    /// takes each): a program serving them from a poll loop saves a
+    /// `set_nonblocking` call per connection. Applies to this worker's
+    /// listener only.
+    pub fn nonblocking_connections(mut self, on: bool) -> ListenOptions {
+        self.nonblocking_connections = on;
+        self
+    }
+
     /// Listens on a socket the primary offered with
     /// [`Primary::listen_fd`](crate::Primary::listen_fd), named by the
     /// number it returned (Node's `listen({fd})`, which names fd N of the
@@ -142,6 +167,9 @@ impl ListenOptions {
         }
         if self.writable_all {
             f = f.with(QueryFlags::WRITABLE_ALL);
+        }
+        if self.defer_accept {
+            f = f.with(QueryFlags::DEFER_ACCEPT);
         }
         f
     }
@@ -173,6 +201,9 @@ impl ListenOptions {
             )),
             Endpoint::Unix(_) if self.ipv6_only || self.reuse_port => {
                 Err(bad("ipv6_only and reuse_port do not apply to a Unix socket path"))
+            }
+            Endpoint::Unix(_) | Endpoint::Fd(_) | Endpoint::Name(_) if self.defer_accept => {
+                Err(bad("defer_accept applies to a TCP address only"))
             }
             Endpoint::Tcp(..) if mode => Err(bad(
                 "readable_all and writable_all apply to a Unix socket path only",
@@ -210,6 +241,8 @@ pub(super) struct ListenerState {
     pub(super) resting_until: Option<Instant>,
     pub(super) max: Option<usize>,
     pub(super) nonblocking: bool,
+    /// `ListenOptions::nonblocking_connections`.
+    pub(super) nonblocking_connections: bool,
     pub(super) count: Arc<ListenerCount>,
     /// Round robin: connections handed over and not yet taken, with the
     /// primary's id for each (the acknowledgement goes when one is taken).
