@@ -61,6 +61,7 @@ const USAGE: &str = "\
 usage: hello [--workers N] [--host H] [--port P] [--policy rr|shared|reuseport|least-loaded]
              [--pid-file F] [--log F] [--signals gunicorn|nginx]
              [--max-requests N] [--max-requests-jitter J] [--max-memory MB]
+             [--deferred]
 
   --workers N     worker processes (default: the number of CPUs)
   --host H        address to listen on (default: 127.0.0.1)
@@ -87,6 +88,10 @@ usage: hello [--workers N] [--host H] [--port P] [--policy rr|shared|reuseport|l
                   so that workers do not recycle together (default 0)
   --max-memory MB replace a worker whose resident memory is above MB
                   megabytes (checked every second)
+  --deferred      TCP_DEFER_ACCEPT on the listening socket (nginx's
+                  `listen ... deferred`): a connection is accepted once its
+                  request arrived; one that sends nothing waits in the kernel
+                  (about 5 s). An inherited socket (--listen) keeps its own
 
 signals: TERM/INT graceful stop, QUIT immediate stop (or as --signals says),
          HUP rolling reload, USR2 binary upgrade, USR1 reopen the log,
@@ -169,6 +174,8 @@ struct Options {
     max_requests_jitter: u64,
     /// Bytes.
     max_memory: Option<u64>,
+    /// `--deferred`.
+    deferred: bool,
 }
 
 impl Options {
@@ -205,6 +212,7 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
         max_requests: None,
         max_requests_jitter: 0,
         max_memory: None,
+        deferred: false,
     };
     let mut args = args.map(|a| a.into_string().map_err(|a| format!("not UTF-8: {a:?}")));
     while let Some(arg) = args.next() {
@@ -258,6 +266,7 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Options>, S
                 opts.addr_given = true;
             }
             "--pid-file" => opts.pid_file = Some(value()?.into()),
+            "--deferred" => opts.deferred = true,
             "--log" => opts.log = Some(value()?.into()),
             "--signals" => {
                 opts.signals = match value()?.as_str() {
@@ -590,7 +599,10 @@ fn serve(worker: &Worker, opts: &Options) -> io::Result<ExitCode> {
     // workers stop, so they can finish their connections and report.
     worker.leave_stop_signals_to_primary()?;
     let mut server = Server::new(worker, opts.read_timeout);
-    match worker.listen(&opts.listen_addr()) {
+    // An inherited socket (`fd:NAME`) keeps the options it came with.
+    let deferred = opts.deferred && opts.listen.is_none();
+    let listen = http::listen_options().defer_accept(deferred);
+    match worker.listen_with(&opts.listen_addr(), &listen) {
         // The listener lives to the end of the arm: dropping it closes it.
         Ok(_listener) => server.run()?,
         // Stopped before it started: nothing served, nothing wrong.

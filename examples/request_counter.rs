@@ -222,7 +222,7 @@ fn run_worker(worker: &Worker, opts: &Options) -> io::Result<ExitCode> {
     server.on_request(|w| {
         let _ = w.send(NOTIFY, &[]);
     });
-    match worker.listen(&format!("127.0.0.1:{}", opts.port)) {
+    match worker.listen_with(&format!("127.0.0.1:{}", opts.port), &http::listen_options()) {
         // The listener lives to the end of the arm: dropping it closes it.
         Ok(_listener) => server.run()?,
         // Stopped before it started: nothing served, nothing wrong.

@@ -4,11 +4,14 @@
  *   shared     every worker accept4()s on the one listening socket;
  *   reuseport  each worker has its own SO_REUSEPORT socket on that port.
  * Same response bytes as examples/common/http.rs; request bodies are ignored.
- * Usage: prefork WORKERS PORT shared|reuseport  (PORT 0: any free one) */
+ * Usage: prefork WORKERS PORT shared|reuseport [deferred]  (PORT 0: any free
+ * one; deferred: TCP_DEFER_ACCEPT, as hello --deferred and nginx's
+ * `listen ... deferred`) */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,12 +30,15 @@ static volatile sig_atomic_t stop;
 static void on_term(int sig) { (void)sig; stop = 1; }
 static void die(const char *what) { perror(what); exit(1); }
 
+static int deferred;
+
 static int listener(int reuseport, int port) {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1, secs = 5;
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) ||
         (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one)) ||
+        (deferred && setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &secs, sizeof secs)) ||
         bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 511))
         die("listen");
     return fd;
@@ -74,10 +80,12 @@ static void serve(int c) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4 || (strcmp(argv[3], "shared") && strcmp(argv[3], "reuseport"))) {
-        fprintf(stderr, "usage: prefork WORKERS PORT shared|reuseport\n");
+    if (argc < 4 || argc > 5 || (strcmp(argv[3], "shared") && strcmp(argv[3], "reuseport")) ||
+        (argc == 5 && strcmp(argv[4], "deferred"))) {
+        fprintf(stderr, "usage: prefork WORKERS PORT shared|reuseport [deferred]\n");
         return 2;
     }
+    deferred = argc == 5;
     int workers = atoi(argv[1]), reuseport = !strcmp(argv[3], "reuseport");
     if (workers < 1 || workers > 1024) { fprintf(stderr, "prefork: bad WORKERS\n"); return 2; }
     /* One slot per worker for its count, on its own cache line. */
@@ -122,7 +130,8 @@ int main(int argc, char **argv) {
         _exit(0);
     }
     for (int i = 0; i < (reuseport ? workers : 1); i++) close(fds[i]);
-    printf("listening on http://127.0.0.1:%d (%d workers, c prefork %s)\n", port, workers, argv[3]);
+    printf("listening on http://127.0.0.1:%d (%d workers, c prefork %s%s)\n", port, workers, argv[3],
+           deferred ? ", deferred" : "");
     fflush(stdout);
     int sig;
     sigwait(&set, &sig);

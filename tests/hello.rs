@@ -275,3 +275,36 @@ fn sigterm_prints_served_counts_and_exits_0() {
         assert_eq!(total, K, "{policy}: {}", rest[0]);
     }
 }
+
+#[test]
+fn deferred_accepts_a_connection_only_once_its_request_arrived() {
+    for policy in ["rr", "shared"] {
+        let args = ["--workers", "1", "--policy", policy];
+        let timeout = [("HELLO_READ_TIMEOUT_MS", "200")];
+        // Control: accepted at once, a silent connection is cut after the
+        // read timeout.
+        let plain = Hello::start_env(&args, &timeout);
+        let mut silent = connect(plain.port);
+        silent
+            .set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        assert!(closes(&mut silent), "{policy}: silent connection not cut");
+        drop(plain);
+
+        // --deferred (TCP_DEFER_ACCEPT): the kernel keeps it unaccepted, so
+        // no read timeout runs, until its request comes; then it is served.
+        let deferred = Hello::start_env(&[&args[..], &["--deferred"]].concat(), &timeout);
+        let mut silent = connect(deferred.port);
+        silent
+            .set_read_timeout(Some(Duration::from_millis(1000)))
+            .unwrap();
+        assert!(
+            !closes(&mut silent),
+            "{policy} --deferred: a connection with no request was accepted (and cut)"
+        );
+        silent.set_read_timeout(Some(IO)).unwrap();
+        silent.write_all(GET_CLOSE).unwrap();
+        assert_hello(&read_response(&mut silent, &mut Vec::new(), false));
+        assert_hello(&request(deferred.port, GET));
+    }
+}

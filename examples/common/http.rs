@@ -31,7 +31,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use syncluster::worker::{Event as WorkerEvent, Interest, Readiness, Stream};
+use syncluster::worker::{Event as WorkerEvent, Interest, ListenOptions, Readiness, Stream};
 use syncluster::Worker;
 
 /// Fault injection for hello's chaos tests (scripts/chaos.py), never set in
@@ -93,6 +93,12 @@ const KEEP_OUTPUT: usize = 4 * 1024;
 const LINGER: Duration = Duration::from_secs(2);
 /// The longest `GET /work?ms=N`.
 pub const MAX_WORK_MS: u64 = 10_000;
+
+/// How a [`Server`]'s listeners listen: its connections must come
+/// non-blocking, and this way no `fcntl` per connection is spent on it.
+pub fn listen_options() -> ListenOptions {
+    ListenOptions::new().nonblocking_connections(true)
+}
 
 /// See [`Server::on_request`].
 type OnRequest<'w> = Box<dyn FnMut(&Worker) + 'w>;
@@ -169,17 +175,11 @@ impl<'w> Server<'w> {
         self.slots.len() - self.free.len()
     }
 
+    /// A new connection; non-blocking (see [`listen_options`]).
     fn accept(&mut self, stream: Stream) {
         self.served += 1;
         if self.served == 1 {
             inject_fault(self.worker);
-        }
-        if stream.set_nonblocking(true).is_err() {
-            return;
-        }
-        if let Some(s) = stream.as_tcp() {
-            // Each answer is one write: do not let Nagle hold it back.
-            let _ = s.set_nodelay(true);
         }
         let idx = self.free.pop().unwrap_or_else(|| {
             self.slots.push(None);
@@ -187,29 +187,49 @@ impl<'w> Server<'w> {
         });
         let token = ((self.served & 0x3fff_ffff) << 32) | idx as u64;
         let deadline = Instant::now() + self.timeout;
-        let conn = Conn::new(stream, token, deadline);
+        self.slots[idx] = Some(Conn::new(stream, token, deadline));
+        // The request usually arrives with the connection: serve it now,
+        // and register with epoll only if the connection must wait (with
+        // `Connection: close` it is often answered and closed already).
+        if !self.serve(token, READABLE) {
+            return;
+        }
+        let Some(conn) = slot(&mut self.slots, token) else {
+            return;
+        };
+        if let Some(s) = conn.stream.as_tcp() {
+            // Each answer is one write: do not let Nagle hold back the
+            // next ones (the first went out at once, nothing was in flight).
+            let _ = s.set_nodelay(true);
+        }
         if self
             .worker
             .register(conn.fd(), token, conn.interest)
             .is_err()
         {
+            self.slots[idx] = None;
             self.free.push(idx);
             return;
         }
-        self.slots[idx] = Some(conn);
-        self.timers.push(Reverse((deadline, token)));
-        // The request often arrives with the connection: try it now.
-        self.on_ready(token, READABLE);
+        conn.registered = true;
+        self.timers.push(Reverse((conn.deadline, token)));
+        conn.timer = conn.deadline;
     }
 
     fn on_ready(&mut self, token: u64, ready: Readiness) {
+        self.serve(token, ready);
+    }
+
+    /// Does what `ready` allows on a connection; `false` when it is closed.
+    fn serve(&mut self, token: u64, ready: Readiness) -> bool {
         let (worker, timeout, draining) = (self.worker, self.timeout, self.draining);
         let Some(conn) = slot(&mut self.slots, token) else {
-            return; // closed since the event was queued
+            return false; // closed since the event was queued
         };
         let (before, answered) = (conn.interest, conn.answered);
         let keep = conn.on_ready(ready, &mut self.scratch, draining, timeout)
             && (conn.interest == before
+                || !conn.registered
                 || worker.reregister(conn.fd(), token, conn.interest).is_ok());
         // Before a close: a request answered on its way out still counts.
         if conn.answered > answered {
@@ -222,7 +242,8 @@ impl<'w> Server<'w> {
             }
         }
         if !keep {
-            return self.close(token);
+            self.close(token);
+            return false;
         }
         if draining && conn.is_idle() {
             // Idle while stopping: closed after the grace (see `drain`).
@@ -230,10 +251,11 @@ impl<'w> Server<'w> {
         }
         // Deadlines only move later (the heap catches up lazily), except
         // when lingering starts: that one needs an entry of its own.
-        if conn.deadline < conn.timer {
+        if conn.registered && conn.deadline < conn.timer {
             conn.timer = conn.deadline;
             self.timers.push(Reverse((conn.deadline, token)));
         }
+        true
     }
 
     /// Closes connections past their deadline; returns the wait until the
@@ -286,7 +308,9 @@ impl<'w> Server<'w> {
     fn close(&mut self, token: u64) {
         let idx = token as u32 as usize;
         if let Some(conn) = self.slots.get_mut(idx).and_then(Option::take) {
-            let _ = self.worker.deregister(conn.fd());
+            if conn.registered {
+                let _ = self.worker.deregister(conn.fd());
+            }
             self.free.push(idx);
         }
     }
@@ -349,6 +373,11 @@ struct Conn {
     deadline: Instant,
     /// The deadline of this connection's live entry in the timer heap.
     timer: Instant,
+    /// Registered with the worker's epoll (and in the timer heap): not yet
+    /// while its first request is served straight after accept.
+    registered: bool,
+    /// The last read took less than it had room for: the socket was empty.
+    drained: bool,
 }
 
 impl Conn {
@@ -366,6 +395,8 @@ impl Conn {
             interest: Interest::READABLE,
             deadline,
             timer: deadline,
+            registered: false,
+            drained: false,
         }
     }
 
@@ -417,7 +448,12 @@ impl Conn {
         match self.phase {
             Phase::Open if flushed && self.eof => return false,
             Phase::Closing if flushed => {
-                if self.eof || self.stream_shutdown().is_err() {
+                // Nothing unread (the last read emptied the socket, the
+                // usual case): close at once, as a blocking server does;
+                // waiting for the client's FIN would cost an epoll
+                // registration and a wake per connection.
+                let unread = !self.input.is_empty() || self.request.is_some() || !self.drained;
+                if self.eof || !unread || self.stream_shutdown().is_err() {
                     return false;
                 }
                 self.phase = Phase::Lingering;
@@ -460,7 +496,10 @@ impl Conn {
             .min(scratch.len());
         match self.stream.read(&mut scratch[..room]) {
             Ok(0) => self.eof = true,
-            Ok(n) => self.input.extend_from_slice(&scratch[..n]),
+            Ok(n) => {
+                self.input.extend_from_slice(&scratch[..n]);
+                self.drained = n < room;
+            }
             Err(e)
                 if matches!(
                     e.kind(),
