@@ -104,7 +104,9 @@ def start(impl, workers):
         return start_command(workers, env)
     kind, mode = impl.rsplit(" ", 1)
     if kind == "syncluster":
-        cmd = [HELLO, "--workers", str(workers), "--port", "0", "--policy", mode]
+        # --deferred: TCP_DEFER_ACCEPT, nginx's `deferred` (the C prefork
+        # limit gains nothing from it: a blocking worker waits in read()).
+        cmd = [HELLO, "--workers", str(workers), "--port", "0", "--policy", mode, "--deferred"]
     elif kind == "c prefork":
         cmd = [PREFORK, str(workers), "0", mode]
     elif kind == "c syncluster":
@@ -180,7 +182,8 @@ def main():
 
     lines = []
     lines.append(f"wrk -t1 -c32 -d{DURATION}s, median of {ROUNDS} interleaved round(s); "
-                 f"{os.cpu_count()} CPUs, {platform_line()}")
+                 f"{os.cpu_count()} CPUs, {platform_line()}. syncluster's hello runs with --deferred "
+                 "(TCP_DEFER_ACCEPT); the C servers without.")
     lines.append("")
     lines.append("| workers | mode | server | req/s | p50 ms | p99 ms | errors | busiest/idlest "
                  "| primary CPU µs/conn | × limit | × node rr |")
