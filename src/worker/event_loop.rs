@@ -607,7 +607,14 @@ impl Inner {
             let Some(ch) = self.channel.as_mut() else {
                 return Ok(());
             };
-            match ch.try_recv()? {
+            // After a blocking read, a short one means the socket was
+            // empty: the next wait sees what comes later.
+            let next = if block {
+                ch.try_recv_lazy()
+            } else {
+                ch.try_recv()
+            };
+            match next? {
                 Recv::Frame(f) => self.on_frame(f)?,
                 Recv::WouldBlock => return Ok(()),
                 Recv::Eof => {
@@ -1003,6 +1010,11 @@ impl Inner {
             fds.push((w.read.as_fd(), poll::IN));
         }
         let timeout = rest.map(|at| at.saturating_duration_since(Instant::now()));
+        if channel.is_some() && fds.len() == 1 && timeout.is_none() {
+            // Only the channel to wait for, with no deadline: a blocking
+            // read is the wait, and saves a poll per connection.
+            return self.read_channel(true);
+        }
         let mut rev = [0i16; 3];
         poll::poll(&fds, &mut rev[..fds.len()], timeout)?;
         if channel.is_some() && rev[0] != 0 {
