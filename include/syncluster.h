@@ -401,6 +401,26 @@ int sc_worker_leave_stop_signals_to_primary(sc_worker *worker);
 int sc_worker_listen(sc_worker *worker, const char *addr, int backlog,
                      sc_listener **listener);
 
+/* Options of sc_worker_listen_with, or-ed together. */
+enum {
+    /* TCP_DEFER_ACCEPT on the listening socket (nginx's `listen ...
+     * deferred`): a connection is accepted (by the primary in round robin,
+     * by the worker otherwise) only once its first bytes arrived; one that
+     * sends nothing waits in the kernel (about 5 s). TCP addresses only
+     * (-EINVAL otherwise). The socket every worker of that address shares
+     * keeps it once one worker asked. */
+    SC_OPT_DEFER_ACCEPT = 1,
+    /* Connections from sc_listener_accept and CONNECTION events come with
+     * O_NONBLOCK set: no fcntl per connection for a worker serving them
+     * from a poll loop. This worker's listener only. */
+    SC_OPT_NONBLOCKING_CONNECTIONS = 2
+};
+
+/* sc_worker_listen with SC_OPT_* flags (0: the same as sc_worker_listen).
+ * Unknown bits: -EINVAL. Thread and fork safety as sc_worker_listen. */
+int sc_worker_listen_with(sc_worker *worker, const char *addr, int backlog,
+                          unsigned flags, sc_listener **listener);
+
 /* Waits for the next event: a connection on any listener (CONNECTION, with
  * the listener's id), a message (MESSAGE), the disconnect request
  * (DISCONNECT, once). timeout_ms -1 waits as long as it takes. Fills *ev

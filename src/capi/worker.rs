@@ -9,6 +9,7 @@ use super::{
     c_bytes, c_fds, c_utf8, call, call_void, handle, invalid, ms_rounded_up, put, take_handle,
     timeout_ms, unconst, Handle, MAGIC_LISTENER, MAGIC_WORKER,
 };
+use crate::worker::ListenOptions;
 use crate::{Listener, Worker};
 
 /// `sc_worker`.
@@ -116,6 +117,11 @@ pub unsafe extern "C" fn sc_worker_leave_stop_signals_to_primary(w: *mut ScWorke
     })
 }
 
+/// `SC_OPT_DEFER_ACCEPT`: `ListenOptions::defer_accept`.
+const OPT_DEFER_ACCEPT: u32 = 1;
+/// `SC_OPT_NONBLOCKING_CONNECTIONS`: `ListenOptions::nonblocking_connections`.
+const OPT_NONBLOCKING_CONNECTIONS: u32 = 2;
+
 /// # Safety
 ///
 /// `w` is NULL or a live `sc_worker`; `addr` NULL or a C string; `out`
@@ -127,7 +133,37 @@ pub unsafe extern "C" fn sc_worker_listen(
     backlog: c_int,
     out: *mut *mut ScListener,
 ) -> c_int {
-    call("sc_worker_listen", || {
+    // SAFETY: the caller's promise, passed on.
+    unsafe { listen_with("sc_worker_listen", w, addr, backlog, 0, out) }
+}
+
+/// # Safety
+///
+/// As [`sc_worker_listen`].
+#[no_mangle]
+pub unsafe extern "C" fn sc_worker_listen_with(
+    w: *mut ScWorker,
+    addr: *const c_char,
+    backlog: c_int,
+    flags: u32,
+    out: *mut *mut ScListener,
+) -> c_int {
+    // SAFETY: the caller's promise, passed on.
+    unsafe { listen_with("sc_worker_listen_with", w, addr, backlog, flags, out) }
+}
+
+/// # Safety
+///
+/// As [`sc_worker_listen`].
+unsafe fn listen_with(
+    name: &'static str,
+    w: *mut ScWorker,
+    addr: *const c_char,
+    backlog: c_int,
+    flags: u32,
+    out: *mut *mut ScListener,
+) -> c_int {
+    call(name, || {
         // SAFETY: the caller's promise.
         let w = unsafe { worker(w) }?;
         // SAFETY: the caller's promise.
@@ -137,7 +173,14 @@ pub unsafe extern "C" fn sc_worker_listen(
         }
         let backlog = u32::try_from(backlog)
             .map_err(|_| invalid(format!("backlog {backlog}: expected 0 or more")))?;
-        let listener = w.listen_with_backlog(addr, backlog)?;
+        if flags & !(OPT_DEFER_ACCEPT | OPT_NONBLOCKING_CONNECTIONS) != 0 {
+            return Err(invalid(format!("flags {flags:#x}: unknown SC_OPT_* bits")));
+        }
+        let opts = ListenOptions::new()
+            .backlog(backlog)
+            .defer_accept(flags & OPT_DEFER_ACCEPT != 0)
+            .nonblocking_connections(flags & OPT_NONBLOCKING_CONNECTIONS != 0);
+        let listener = w.listen_with(addr, &opts)?;
         let boxed = Box::into_raw(Box::new(ScListener {
             magic: MAGIC_LISTENER,
             listener,

@@ -385,7 +385,12 @@ static void cluster_worker(sc_worker *w) {
     /* The listen rules: port 1 is refused by name, the worker goes on. */
     CHECK_ERR(sc_worker_listen(w, "127.0.0.1:1", 0, &l), -EACCES);
     CHECK(strstr(sc_last_error_message(), "127.0.0.1:1"));
-    CHECK(sc_worker_listen(w, "127.0.0.1:0", 0, &l) == 0);
+    CHECK_ERR(sc_worker_listen_with(w, "127.0.0.1:0", 0, 1u << 7, &l), -EINVAL);
+    CHECK(strstr(sc_last_error_message(), "SC_OPT_"));
+    CHECK_ERR(sc_worker_listen_with(w, "/tmp/x.sock", 0, SC_OPT_DEFER_ACCEPT, &l), -EINVAL);
+    /* Worker 2 takes non-blocking connections, once their request came. */
+    unsigned opts = me == 1 ? 0 : SC_OPT_DEFER_ACCEPT | SC_OPT_NONBLOCKING_CONNECTIONS;
+    CHECK(sc_worker_listen_with(w, "127.0.0.1:0", 0, opts, &l) == 0);
     if (me == 1) {
         /* Never accepts: connections handed to it stay in flight. */
         while (sc_worker_recv(w, &ev) == 1) {}
@@ -395,8 +400,10 @@ static void cluster_worker(sc_worker *w) {
         int c, r;
         while ((r = sc_listener_accept(l, &c)) == 0) {
             CHECK(cloexec(c));
+            CHECK(fcntl(c, F_GETFL) & O_NONBLOCK);
+            /* Deferred: the request is there already. */
             ssize_t n = read(c, buf, sizeof buf);
-            (void)n;
+            CHECK(n > 0);
             int len = snprintf(buf, sizeof buf, "HTTP/1.0 200 OK\r\n\r\nworker %u\n", me);
             CHECK(write(c, buf, (size_t)len) == len);
             close(c);
