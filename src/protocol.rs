@@ -5,15 +5,23 @@
 //! |---|---|---|---|
 //! | Online | 0 | empty | 0 |
 //! | QueryServer | request id | [`Query`] (endpoint, index, backlog, [`QueryFlags`]) | 0 |
-//! | QueryReply | request id | ok: handle u32, policy u8, address; err: errno i32, message | shared, reuseport: 1 |
+//! | QueryReply | request id | ok: handle u32, policy u8, address; err: errno i32, message | shared: the socket; rr, least-loaded: the pipe; reuseport: both |
 //! | Listening | handle | empty | 0 |
-//! | NewConn | handle | one u32 connection id per fd | n |
-//! | ConnReply | handle | flag [`LOAD`]: the worker's open connections u32; then u32 connection ids (none: a load report, the worker is back in its loop); flag [`REJECTED`] | 0 |
+//! | ConnReply | handle | flag [`LOAD`]: the worker's open connections u32 (a load report: back in its loop, or a [`FULL`] record read); flag [`REJECTED`]: give back what is unread in the handle's pipe. No ids: a worker takes a connection by reading it | 0 |
 //! | Close | handle | empty | 0 |
 //! | Disconnect | 0 | empty | 0 |
 //! | ExitedAfterDisconnect | request id | empty (answered by Ack) | 0 |
 //! | Count | how many more | empty; flag [`REQUESTS`]: requests served, else connections taken from shared sockets | 0 |
 //! | User | 0 | user bytes | any |
+//!
+//! Connections do not travel on the channel. Each (worker, handle) that
+//! hands over has a pipe: a Unix stream the primary writes [`RECORD`]-byte
+//! records to (connection id u32, flags u32, the connection's fd on the
+//! first byte) and the worker reads one record at a time. Reading a record
+//! is taking the connection: there is no acknowledgement. The primary
+//! keeps a copy of the worker's end, so `FIONREAD` on it counts what is
+//! not taken yet, and on the worker's death or close it reads back what
+//! was never taken and hands it to another worker.
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +34,32 @@ pub const REJECTED: u8 = 1;
 /// ConnReply flag: the payload starts with the worker's count of open
 /// connections (u32), before the ids. With no ids it is a load report.
 pub const LOAD: u8 = 2;
+/// Bytes of one pipe record: connection id u32, flags u32 (little endian).
+pub const RECORD: usize = 8;
+/// Record flag: this connection filled the worker's window; taking it,
+/// the worker sends a load report, so a primary with connections waiting
+/// refills the window at once.
+pub const FULL: u32 = 1;
+/// Record flag: no connection; look at the channel (a worker blocked
+/// reading its pipe is woken for a Disconnect).
+pub const WAKE: u32 = 2;
+
+/// Encodes a pipe record.
+pub fn encode_record(id: u32, flags: u32) -> [u8; RECORD] {
+    let mut r = [0u8; RECORD];
+    r[..4].copy_from_slice(&id.to_le_bytes());
+    r[4..].copy_from_slice(&flags.to_le_bytes());
+    r
+}
+
+/// Decodes a pipe record: (connection id, flags).
+pub fn decode_record(r: &[u8; RECORD]) -> (u32, u32) {
+    (
+        u32::from_le_bytes([r[0], r[1], r[2], r[3]]),
+        u32::from_le_bytes([r[4], r[5], r[6], r[7]]),
+    )
+}
+
 /// Every flag a ConnReply may carry.
 pub const REPLY_FLAGS: u8 = REJECTED | LOAD;
 /// QueryReply flag: the payload is an error.
@@ -151,7 +185,7 @@ impl Policy {
         matches!(self, Policy::RoundRobin | Policy::LeastLoaded)
     }
 
-    /// Connections may reach a worker in NewConn frames (reuseport: those
+    /// Connections may reach a worker through its pipe (reuseport: those
     /// the primary takes from a slot no worker serves).
     pub(crate) fn hands_over(self) -> bool {
         !matches!(self, Policy::Shared)

@@ -977,10 +977,11 @@ fn rr_is_fair_over_ten_thousand_sequential_connections() {
 // Beyond Node: connections every worker rejects
 // ---------------------------------------------------------------------------
 
-/// Writes a wrapper that runs the probe with `RLIMIT_NOFILE` at 5: fds 0-2,
-/// the channel (3) and the worker's epoll (4) fill it, so every connection
-/// the primary hands over arrives truncated (`MSG_CTRUNC`, EMFILE) and the
-/// worker rejects it. Returns the wrapper's path.
+/// Writes a wrapper that runs the probe with `RLIMIT_NOFILE` at 6: fds 0-2,
+/// the channel (3), the worker's epoll (4) and its listener's pipe (5) fill
+/// it, so the worker has no fd free to take a connection into, reads none
+/// (it would be lost in transit: `MSG_CTRUNC`) and refuses them. Returns
+/// the wrapper's path.
 fn fd_starved_wrapper(dir: &TempDir) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let probe = probe_path();
@@ -988,7 +989,7 @@ fn fd_starved_wrapper(dir: &TempDir) -> PathBuf {
     std::fs::write(
         &wrap,
         format!(
-            "#!/bin/sh\nulimit -n 5\nexec '{}' \"$@\"\n",
+            "#!/bin/sh\nulimit -n 6\nexec '{}' \"$@\"\n",
             probe.display()
         ),
     )

@@ -28,13 +28,14 @@ struct options {
     char host[128];
     long port;
     int policy;            /* 0: keep what SYNCLUSTER_SCHED_POLICY says */
+    int deferred;          /* --deferred: SC_OPT_DEFER_ACCEPT */
     long read_timeout_ms;  /* HELLO_READ_TIMEOUT_MS, default 10000 */
     long hang_timeout_ms;  /* HELLO_HANG_TIMEOUT_MS, default 0 (off) */
 };
 
 static inline void usage(FILE *to, const char *prog) {
     fprintf(to,
-            "usage: %s [--workers N] [--host H] [--port P] [--policy rr|shared]\n"
+            "usage: %s [--workers N] [--host H] [--port P] [--policy rr|shared] [--deferred]\n"
             "\n"
             "  --workers N     worker processes (default: the number of CPUs)\n"
             "  --host H        address to listen on (default: 127.0.0.1)\n"
@@ -42,6 +43,8 @@ static inline void usage(FILE *to, const char *prog) {
             "  --policy P      rr: the primary accepts and hands connections out in turn;\n"
             "                  shared: workers accept on a shared socket\n"
             "                  (default: $SYNCLUSTER_SCHED_POLICY, else rr)\n"
+            "  --deferred      TCP_DEFER_ACCEPT: a connection is accepted once its request\n"
+            "                  arrived (nginx's `deferred`)\n"
             "\n"
             "environment: HELLO_READ_TIMEOUT_MS  idle / header read timeout (default 10000)\n"
             "             HELLO_HANG_TIMEOUT_MS  kill a worker that holds connections this long\n"
@@ -78,6 +81,7 @@ static inline int parse_args(int argc, char **argv, struct options *o, char *why
     strcpy(o->host, "127.0.0.1");
     o->port = 8000;
     o->policy = 0;
+    o->deferred = 0;
     if (env_ms("HELLO_READ_TIMEOUT_MS", 10000, &o->read_timeout_ms, why, n) ||
         env_ms("HELLO_HANG_TIMEOUT_MS", 0, &o->hang_timeout_ms, why, n))
         return -1;
@@ -85,6 +89,10 @@ static inline int parse_args(int argc, char **argv, struct options *o, char *why
         char flag[32];
         const char *arg = argv[i], *value = NULL, *eq = strchr(arg, '=');
         if (!strcmp(arg, "--help") || !strcmp(arg, "-h")) return 1;
+        if (!strcmp(arg, "--deferred")) {
+            o->deferred = 1;
+            continue;
+        }
         /* Both `--flag value` and `--flag=value`. */
         if (!strncmp(arg, "--", 2) && eq && (size_t)(eq - arg) < sizeof flag) {
             memcpy(flag, arg, (size_t)(eq - arg));

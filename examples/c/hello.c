@@ -1,7 +1,7 @@
 /* The hello-world HTTP/1.1 cluster of examples/hello.rs, in C, on
  * syncluster's C API (include/syncluster.h).
  *
- *   target/c/hello [--workers N] [--host H] [--port P] [--policy rr|shared]
+ *   target/c/hello [--workers N] [--host H] [--port P] [--policy rr|shared] [--deferred]
  *
  * The primary runs syncluster's supervisor (respawn with backoff, graceful
  * stop on SIGTERM/SIGINT, immediate stop on SIGQUIT, rolling reload on
@@ -96,7 +96,7 @@ static int run_worker(sc_worker *w, const struct options *o) {
     }
     signal(SIGPIPE, SIG_IGN); /* a client that hung up costs its connection only */
     listen_addr(o, addr, sizeof addr);
-    if (sc_worker_listen(w, addr, 0, &l) < 0) {
+    if (sc_worker_listen_with(w, addr, 0, o->deferred ? SC_OPT_DEFER_ACCEPT : 0, &l) < 0) {
         /* Stopped before it started: nothing served, nothing wrong. */
         if (sc_worker_is_disconnecting(w) == 1) goto report;
         fprintf(stderr, "worker %u: %s\n", sc_worker_id(w), sc_last_error_message());

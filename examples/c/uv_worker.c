@@ -243,7 +243,7 @@ static int run_worker(sc_worker *w, const struct options *o) {
     }
     signal(SIGPIPE, SIG_IGN);
     listen_addr(o, addr, sizeof addr);
-    if (sc_worker_listen(w, addr, 0, &W.listener) < 0) {
+    if (sc_worker_listen_with(w, addr, 0, o->deferred ? SC_OPT_DEFER_ACCEPT : 0, &W.listener) < 0) {
         int stopping = sc_worker_is_disconnecting(w) == 1;
         if (!stopping) fprintf(stderr, "worker %u: %s\n", sc_worker_id(w), sc_last_error_message());
         sc_worker_send(w, "served 0", 8, NULL, 0);

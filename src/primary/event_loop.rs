@@ -407,10 +407,18 @@ impl Primary {
                     )));
                 };
                 slot.grants.remove(pos);
-                // Routed to it still (not unrouted or closed since): leave.
-                if slot.handles.contains(&hid) {
-                    slot.handles.retain(|&h| h != hid);
+                let routed = slot.handles.contains(&hid);
+                slot.handles.retain(|&h| h != hid);
+                // What it never read from that pipe goes to the others.
+                let requeued = self.take_back(id, Some(hid), false);
+                if let Some(slot) = self.workers.get_mut(&id) {
+                    slot.pipes.retain(|p| p.hid != hid);
+                }
+                if routed {
+                    // Routed to it still (not unrouted or closed since): leave.
                     self.leave_handle(id, hid);
+                } else if !requeued.is_empty() {
+                    self.distribute(hid, false);
                 }
                 Ok(())
             }

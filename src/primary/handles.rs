@@ -13,6 +13,7 @@ use super::event_loop::TOKEN_HANDLE;
 use super::policy::ListenRules;
 use super::round_robin::Conn;
 use super::shared::{self, Address, Named, UnixFile};
+use super::workers::Pipe;
 use super::Primary;
 use crate::ipc::wire::Kind;
 use crate::protocol::{self, Endpoint, Policy, Query, QueryFlags};
@@ -109,11 +110,27 @@ impl Primary {
         };
         let h = &self.handles[&hid];
         let body = protocol::encode_reply_ok(hid, h.policy, &h.address.to_string());
-        let fds: Vec<_> = shared_fd.iter().map(|fd| fd.as_fd()).collect();
+        let pipe = match self.pipe_for(id, hid) {
+            Ok(p) => p,
+            Err(e) => {
+                if fresh {
+                    self.ungrant(id, hid);
+                }
+                let e = shared::named_error(e, &self.handles[&hid].address.to_string());
+                let body = protocol::encode_reply_err(shared::errno_of(&e), &e);
+                return self.send_frame(id, Kind::QueryReply, protocol::ERROR, seq, &body, &[]);
+            }
+        };
+        // The shared socket first, the pipe last.
+        let fds: Vec<_> = shared_fd
+            .iter()
+            .chain(pipe.iter())
+            .map(|fd| fd.as_fd())
+            .collect();
         match self.send_frame(id, Kind::QueryReply, 0, seq, &body, &fds) {
             Ok(()) => {}
-            // No fd left to queue the shared socket with: our problem.
-            Err(e) if shared_fd.is_some() && matches!(e.raw_os_error(), Some(23 | 24 | 12)) => {
+            // No fd left to queue the sockets with: our problem.
+            Err(e) if !fds.is_empty() && matches!(e.raw_os_error(), Some(23 | 24 | 12)) => {
                 drop(fds);
                 if fresh {
                     self.ungrant(id, hid);
@@ -279,11 +296,35 @@ impl Primary {
         Ok((hid, shared_fd, fresh))
     }
 
+    // A dup of the worker's end of its pipe for `hid`, made at its first
+    // grant of a handle that hands over (`None` for one that does not).
+    // The primary's end is shut for reading: the worker cannot write into it.
+    fn pipe_for(&mut self, id: u32, hid: u32) -> io::Result<Option<OwnedFd>> {
+        if !self.handles[&hid].policy.hands_over() {
+            return Ok(None);
+        }
+        let slot = self.workers.get_mut(&id).ok_or_else(|| Self::gone(id))?;
+        if let Some(p) = slot.pipes.iter().find(|p| p.hid == hid) {
+            return sys::fd::dup(p.theirs.as_fd()).map(Some);
+        }
+        let (ours, theirs) = sys::socket::socketpair()?;
+        sys::socket::shutdown_read(ours.as_fd())?;
+        let dup = sys::fd::dup(theirs.as_fd())?;
+        slot.pipes.push(Pipe {
+            hid,
+            ours,
+            theirs,
+            wakes: 0,
+        });
+        Ok(Some(dup))
+    }
+
     // Undoes what `serve_query` did for a reply that could not be sent.
     fn ungrant(&mut self, id: u32, hid: u32) {
         if let Some(s) = self.workers.get_mut(&id) {
             s.grants.retain(|g| g.hid != hid);
             s.handles.retain(|&h| h != hid);
+            s.pipes.retain(|p| p.hid != hid);
         }
         self.leave_handle(id, hid);
     }

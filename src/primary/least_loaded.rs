@@ -75,6 +75,26 @@ impl Load {
     }
 }
 
+impl Load {
+    /// The primary saw `taken` more connections read from the worker's
+    /// pipes, the newest written at `sent`: it is busy, with that many more
+    /// open (until it reports). When it took them is not known, only that
+    /// it was after `sent`: a worker blocked since an early take looks
+    /// silent as it should, not freshly heard from.
+    /// A report heard since `sent` most likely came after the take (a
+    /// worker takes what it is handed at once) and counted it already.
+    pub(super) fn took(&mut self, taken: usize, sent: Instant) {
+        if self.heard >= sent {
+            return;
+        }
+        self.open = self
+            .open
+            .saturating_add(taken.min(u32::MAX as usize) as u32);
+        self.heard = sent;
+        self.busy = true;
+    }
+}
+
 /// A worker's standing for the next connection; lower is better, and a
 /// blocked one is passed over. One with a connection waiting while busy
 /// comes last (the one heard from last first, among those); then idle

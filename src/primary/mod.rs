@@ -470,7 +470,6 @@ pub struct Primary {
     /// PID 1 reaps every child, not only its workers.
     init: bool,
     // Scratch buffers reused on the hot path.
-    ids_buf: Vec<u8>,
     batch: Vec<(u32, Vec<Conn>)>,
     /// Inherited sockets and binary upgrades.
     deploy: upgrade::Deploy,
@@ -524,7 +523,6 @@ impl Primary {
             read_again: Vec::new(),
             old_mask,
             init: crate::sys::process::getpid() == 1,
-            ids_buf: Vec::with_capacity(4 * 64),
             batch: Vec::new(),
             deploy: upgrade::Deploy::default(),
             plain: plain::PlainState::default(),
@@ -582,14 +580,19 @@ impl Primary {
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.workers
             .iter()
-            .map(|(&id, s)| WorkerInfo {
-                id,
-                pid: s.pid,
-                state: s.state,
-                exited_after_disconnect: s.exited_after_disconnect,
-                in_flight: s.in_flight.len(),
-                taken: s.served.taken,
-                requests: s.served.requests,
+            .map(|(&id, s)| {
+                // As of now: what left the pipes since the loop last looked
+                // was taken.
+                let unread = s.unread();
+                WorkerInfo {
+                    id,
+                    pid: s.pid,
+                    state: s.state,
+                    exited_after_disconnect: s.exited_after_disconnect,
+                    in_flight: unread,
+                    taken: s.served.taken + (s.in_flight.len() - unread) as u64,
+                    requests: s.served.requests,
+                }
             })
             .collect()
     }

@@ -333,6 +333,8 @@ impl Primary {
                 exited_after_disconnect: false,
                 exit: None,
                 in_flight: Default::default(),
+                pipes: Vec::new(),
+                refusing: Vec::new(),
                 handles: Vec::new(),
                 kill_at: None,
                 progress: Instant::now(),

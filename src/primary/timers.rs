@@ -64,6 +64,18 @@ impl Primary {
             }
         }
         if let Some(t) = self.hang_timeout {
+            // Progress is seen by looking at the pipes.
+            let mut settled = Vec::new();
+            for (&id, s) in self.workers.iter_mut() {
+                if s.exit.is_none() && s.progress + t <= now {
+                    settled.push((id, s.settle(now)));
+                }
+            }
+            for (id, taken) in settled {
+                if taken > 0 {
+                    self.count_served(id, taken as u64, 0, false);
+                }
+            }
             let hung: Vec<u32> = self
                 .workers
                 .iter()

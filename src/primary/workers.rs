@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use super::event_loop::{Budget, TOKEN_PIDFD, TOKEN_WORKER};
 use super::handles::Grant;
-use super::round_robin::Conn;
 use super::{Event, Primary, Stdio};
 use crate::env::{ENV_CHANNEL_FD, ENV_FDS, ENV_WORKER_ID, ENV_WORKER_PID};
 use crate::ipc::channel::{Channel, QueueFull};
@@ -88,7 +87,7 @@ pub struct WorkerInfo {
     pub exited_after_disconnect: bool,
     /// Connections handed to it and not yet accepted.
     pub in_flight: usize,
-    /// Connections it took: acknowledged (round robin) or reported by the
+    /// Connections it took: read from its pipe (round robin) or reported by the
     /// worker, in batches (shared).
     pub taken: u64,
     /// Requests it reported served
@@ -97,11 +96,28 @@ pub struct WorkerInfo {
     pub requests: Option<u64>,
 }
 
-/// A connection handed to a worker and not yet acknowledged.
+/// A connection written to a worker's pipe and, as far as the primary
+/// last looked, not read yet. The primary closed its copy: the fd is in
+/// the pipe, and comes back from it if the worker never takes it.
 #[derive(Debug)]
 pub(super) struct InFlight {
     pub(super) handle: u32,
-    pub(super) conn: Conn,
+    pub(super) id: u32,
+    pub(super) rejected_by: Vec<u32>,
+    /// When it was written: the worker took it no earlier.
+    pub(super) sent: Instant,
+}
+
+/// The pipe connections of one handle reach one worker through (see
+/// `protocol`): the primary writes at `ours` and keeps `theirs`, the
+/// worker's end, to count what is unread and to read it back.
+#[derive(Debug)]
+pub(super) struct Pipe {
+    pub(super) hid: u32,
+    pub(super) ours: OwnedFd,
+    pub(super) theirs: OwnedFd,
+    /// Wake records written (see `wake_pipes`): at most one.
+    pub(super) wakes: usize,
 }
 
 /// One row of the worker table.
@@ -114,6 +130,10 @@ pub(super) struct Slot {
     pub(super) exited_after_disconnect: bool,
     pub(super) exit: Option<ExitStatus>,
     pub(super) in_flight: VecDeque<InFlight>,
+    pub(super) pipes: Vec<Pipe>,
+    /// Handles it said it refuses connections of (at its cap, or out of
+    /// fds), until it says it takes them again.
+    pub(super) refusing: Vec<u32>,
     pub(super) handles: Vec<u32>,
     pub(super) kill_at: Option<Instant>,
     /// When the worker last took a connection, or got its first one.
@@ -252,6 +272,8 @@ impl Primary {
                 exited_after_disconnect: false,
                 exit: None,
                 in_flight: VecDeque::new(),
+                pipes: Vec::new(),
+                refusing: Vec::new(),
                 handles: Vec::new(),
                 kill_at: None,
                 progress: Instant::now(),
@@ -334,7 +356,11 @@ impl Primary {
             return self.disconnect_plain(id);
         }
         self.unroute(id);
-        self.send_frame(id, Kind::Disconnect, 0, 0, &[], &[])
+        self.send_frame(id, Kind::Disconnect, 0, 0, &[], &[])?;
+        // It serves what its pipes hold, then exits; a blocking read of a
+        // pipe must see the request.
+        self.wake_pipes(id);
+        Ok(())
     }
 
     /// Stops accepting and disconnects every worker (≈ `cluster.disconnect`).
@@ -502,12 +528,17 @@ impl Primary {
         let _ = self.epoll.delete(ch.as_fd());
         drop(ch);
         slot.state = State::Disconnected;
-        let in_flight = std::mem::take(&mut slot.in_flight);
         let hids = std::mem::take(&mut slot.handles);
-        // Back to the front of their queues, oldest first, for another worker.
-        for f in in_flight.into_iter().rev() {
-            if let Some(h) = self.handles.get_mut(&f.handle) {
-                h.queue.push_front(f.conn);
+        // What it never read goes back to the front of its queues, oldest
+        // first, for another worker. Closing the pipes then ends a read
+        // the worker is blocked in.
+        let requeued = self.take_back(id, None, false);
+        if let Some(slot) = self.workers.get_mut(&id) {
+            slot.pipes.clear();
+        }
+        for hid in requeued {
+            if !hids.contains(&hid) {
+                self.distribute(hid, false);
             }
         }
         let crashed = !self
@@ -539,8 +570,7 @@ impl Primary {
         if slot.channel.is_none() {
             return Err(Self::gone(id));
         }
-        let mut requeued: Vec<u32> = slot.in_flight.iter().map(|f| f.handle).collect();
-        requeued.dedup();
+        let requeued: Vec<u32> = slot.pipes.iter().map(|p| p.hid).collect();
         // A deliberate close: its handles close with their last worker
         // now, instead of lingering as a crashed worker's would.
         self.unroute(id);

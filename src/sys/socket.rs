@@ -399,3 +399,21 @@ pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     cvt(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) })?;
     Ok(())
 }
+
+/// `shutdown(SHUT_RD)`: we read no more. On a Unix stream, the peer's
+/// writes fail with `EPIPE` from now on.
+pub fn shutdown_read(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain call on a borrowed fd.
+    cvt(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) })?;
+    Ok(())
+}
+
+/// `ioctl(FIONREAD)` (`SIOCINQ`): the bytes queued unread on a socket. On
+/// a Unix stream that is every byte its peer wrote and nobody read yet,
+/// whoever holds the fd.
+pub fn unread(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which is live.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) })?;
+    Ok(n.max(0) as usize)
+}

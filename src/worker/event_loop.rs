@@ -26,6 +26,7 @@ use crate::sys::{self, epoll, poll};
 const TOKEN_CHANNEL: u64 = 1 << 63;
 const TOKEN_WAKE: u64 = (1 << 63) | 1;
 const TOKEN_LISTENER: u64 = (1 << 63) | (1 << 62);
+const TOKEN_PIPE: u64 = (1 << 63) | (1 << 61);
 /// Tokens of the program's own fds are below this.
 pub(super) const USER_TOKENS: u64 = 1 << 62;
 
@@ -72,8 +73,13 @@ pub(super) struct Inner {
     disconnect_reported: bool,
     acked: Vec<u32>,
     next_req: u32,
-    /// Listeners whose queue has connections, round robin among them.
-    ready_cursor: usize,
+    /// A spare fd, closed just before a pipe is read: the connection's fd
+    /// always finds a free slot, where `EMFILE` would lose it in transit.
+    spare: Option<OwnedFd>,
+    /// Listeners whose pipe epoll said is readable. A connection is taken
+    /// only when the program is about to get it: a message that came with
+    /// it (say, "close that listener") is seen first.
+    ready_pipes: VecDeque<usize>,
     /// The shared listener that gave the last connection, and how many
     /// times in a row it was tried without an `epoll_wait` (`HOT_ACCEPTS`).
     hot: Option<usize>,
@@ -111,6 +117,7 @@ struct Granted {
     policy: Policy,
     address: String,
     shared: Option<OwnedFd>,
+    pipe: Option<OwnedFd>,
     key: String,
     index: u32,
 }
@@ -168,7 +175,7 @@ fn accept_retry(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(103)
 }
 
-type Reply = Result<(u32, Policy, String, Option<OwnedFd>), io::Error>;
+type Reply = Result<(u32, Policy, String, Option<OwnedFd>, Option<OwnedFd>), io::Error>;
 
 impl Inner {
     pub(super) fn new(id: u32, primary_pid: i32, fd: OwnedFd) -> io::Result<Inner> {
@@ -190,7 +197,8 @@ impl Inner {
             disconnect_reported: false,
             acked: Vec::new(),
             next_req: 1,
-            ready_cursor: 0,
+            spare: None,
+            ready_pipes: VecDeque::new(),
             hot: None,
             hot_streak: 0,
             counts: Arc::new(WorkerCount::default()),
@@ -248,16 +256,18 @@ impl Inner {
             .send(kind, flags, seq, payload, fds)
     }
 
-    // Acknowledgements and rejections, each with the open count (no ids:
-    // a load report). If the primary is gone, the connection is still ours
-    // to serve (or drop), so no error; the channel is closed as at EOF.
-    fn send_reply(&mut self, flags: u8, handle: u32, ids: &[u32]) {
+    // A ConnReply for `handle` with the open count: a load report (back in
+    // the loop), a refill notice (a full window was taken from, or the
+    // listener takes connections again) or, with REJECTED, a refusal. If
+    // the primary is gone, nothing is owed to it: no error; the channel is
+    // closed as at EOF.
+    fn send_reply(&mut self, flags: u8, handle: u32) {
         if self.channel.is_none() {
             return;
         }
         let open = self.counts.open.load(std::sync::atomic::Ordering::SeqCst);
-        let mut body = Vec::with_capacity(4 + ids.len() * 4);
-        protocol::encode_conn_reply(Some(open.min(u32::MAX as usize) as u32), ids, &mut body);
+        let mut body = Vec::with_capacity(4);
+        protocol::encode_conn_reply(Some(open.min(u32::MAX as usize) as u32), &[], &mut body);
         let flags = flags | protocol::LOAD;
         if self
             .send(Kind::ConnReply, flags, handle, &body, &[])
@@ -268,9 +278,7 @@ impl Inner {
         }
         self.reported_open = open;
         self.reported_at = Instant::now();
-        if flags & REJECTED == 0 {
-            self.reported_busy = !ids.is_empty();
-        }
+        self.reported_busy = false;
     }
 
     /// When a load report is due, if the worker waits from now on:
@@ -296,7 +304,7 @@ impl Inner {
         if Instant::now() < due {
             return Some(due);
         }
-        self.send_reply(0, 0, &[]);
+        self.send_reply(0, 0);
         None
     }
 
@@ -346,16 +354,25 @@ impl Inner {
         }
         let g = self.query_handle(endpoint.clone(), opts.flags(), opts.backlog)?;
         let idx = self.listeners.len();
+        let mut added = Ok(());
         if let Some(fd) = &g.shared {
             let bits = epoll::READABLE | epoll::EXCLUSIVE;
-            if let Err(e) = self
+            added = self
                 .epoll
-                .add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64)
-            {
-                self.release_index(&g.key, g.index);
-                let _ = self.send(Kind::Close, 0, g.handle, &[], &[]);
-                return Err(e);
+                .add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64);
+        }
+        if let (Ok(()), Some(fd)) = (&added, &g.pipe) {
+            added = self
+                .epoll
+                .add(fd.as_fd(), epoll::READABLE, TOKEN_PIPE | idx as u64);
+        }
+        if let Err(e) = added {
+            for fd in g.shared.iter().chain(g.pipe.iter()) {
+                let _ = self.epoll.delete(fd.as_fd());
             }
+            self.release_index(&g.key, g.index);
+            let _ = self.send(Kind::Close, 0, g.handle, &[], &[]);
+            return Err(e);
         }
         let unix = g.address.starts_with('/');
         self.least_loaded |= g.policy == Policy::LeastLoaded;
@@ -375,7 +392,9 @@ impl Inner {
             nonblocking: false,
             nonblocking_connections: opts.nonblocking_connections,
             count: ListenerCount::new(&self.counts),
-            queue: VecDeque::new(),
+            pipe_in_epoll: g.pipe.is_some(),
+            pipe: g.pipe,
+            refusing: false,
         }));
         if let Err(e) = self.send(Kind::Listening, 0, g.handle, &[], &[]) {
             self.close_listener(idx);
@@ -425,7 +444,9 @@ impl Inner {
             nonblocking: false,
             nonblocking_connections: opts.nonblocking_connections,
             count: ListenerCount::new(&self.counts),
-            queue: VecDeque::new(),
+            pipe: None,
+            pipe_in_epoll: false,
+            refusing: false,
         }));
         Ok(idx)
     }
@@ -485,11 +506,12 @@ impl Inner {
         let seq = self.next_req;
         self.next_req = self.next_req.wrapping_add(1);
         match self.query(seq, &q) {
-            Ok(Ok((handle, policy, address, shared))) => Ok(Granted {
+            Ok(Ok((handle, policy, address, shared, pipe))) => Ok(Granted {
                 handle,
                 policy,
                 address,
                 shared,
+                pipe,
                 key,
                 index,
             }),
@@ -520,6 +542,13 @@ impl Inner {
                 }
                 let (handle, policy, address) = protocol::decode_reply_ok(&frame.payload)?;
                 let mut fds = frame.fds;
+                let pipe = if policy.hands_over() {
+                    Some(fds.pop().ok_or_else(|| {
+                        invalid(format!("{} reply without a pipe", policy.name()))
+                    })?)
+                } else {
+                    None
+                };
                 let shared = if policy.worker_accepts() {
                     Some(fds.pop().ok_or_else(|| {
                         invalid(format!("{} reply without a listening fd", policy.name()))
@@ -527,7 +556,7 @@ impl Inner {
                 } else {
                     None
                 };
-                return Ok(Ok((handle, policy, address, shared)));
+                return Ok(Ok((handle, policy, address, shared, pipe)));
             }
             self.on_frame(frame)?;
         }
@@ -537,37 +566,6 @@ impl Inner {
 
     fn on_frame(&mut self, f: Frame) -> io::Result<()> {
         match f.header.kind {
-            Kind::NewConn => {
-                let ids: Vec<u32> = protocol::decode_ids(&f.payload)?.collect();
-                let handle = f.header.seq;
-                if f.lost_fds > 0 || f.fds.len() != ids.len() {
-                    // EMFILE here: hand them back so another worker serves them.
-                    self.send_reply(REJECTED, handle, &ids);
-                    return Ok(());
-                }
-                let slot = self
-                    .listeners
-                    .iter_mut()
-                    .flatten()
-                    .find(|l| l.handle == handle && l.policy.hands_over());
-                let mut rejected = Vec::new();
-                match slot {
-                    Some(l) => {
-                        for (id, fd) in ids.into_iter().zip(f.fds) {
-                            if l.full_for_handover() {
-                                rejected.push(id);
-                            } else {
-                                l.queue.push_back((id, fd));
-                            }
-                        }
-                    }
-                    None => rejected = ids,
-                }
-                if !rejected.is_empty() {
-                    self.send_reply(REJECTED, handle, &rejected);
-                }
-                Ok(())
-            }
             Kind::Disconnect => {
                 self.disconnect_requested = true;
                 Ok(())
@@ -645,12 +643,17 @@ impl Inner {
             if let Some(ev) = self.pending.pop_front() {
                 return Ok(Some(ev));
             }
-            if let Some(ev) = self.take_queued() {
+            if let Some(ev) = self.take_ready() {
                 return Ok(Some(ev));
             }
             if self.disconnecting() && !self.disconnect_reported {
+                // What the primary handed over before the request is
+                // served first, as a shared backlog is.
+                if self.drain_pipes() {
+                    continue;
+                }
                 self.disconnect_reported = true;
-                self.stop_listening();
+                self.stop_listening(false);
                 return Ok(Some(Event::Disconnect));
             }
             let wait = match until {
@@ -678,7 +681,7 @@ impl Inner {
         self.listeners
             .iter()
             .flatten()
-            .filter(|l| l.shared.is_some())
+            .filter(|l| l.shared.is_some() || l.pipe.is_some())
             .filter_map(|l| l.resting_until)
             .chain(self.load_report_due())
             .min()
@@ -730,6 +733,11 @@ impl Inner {
                     }
                 } else if token == TOKEN_WAKE {
                     woken = true;
+                } else if token & TOKEN_PIPE == TOKEN_PIPE {
+                    let idx = (token & 0xffff_ffff) as usize;
+                    if !self.ready_pipes.contains(&idx) {
+                        self.ready_pipes.push_back(idx);
+                    }
                 } else if token & TOKEN_LISTENER == TOKEN_LISTENER {
                     let idx = (token & 0xffff_ffff) as usize;
                     if self.disconnecting() {
@@ -776,29 +784,55 @@ impl Inner {
         Ok(())
     }
 
-    // Puts a shared listener in or out of the epoll as its rest and cap say.
+    // Puts a listener's socket and pipe in or out of the epoll as its rest
+    // and cap say, and tells the primary when its pipe starts or stops
+    // taking connections.
     fn sync_listener(&mut self, idx: usize) {
+        let disconnecting = self.disconnecting();
         let Some(l) = self.listeners.get_mut(idx).and_then(Option::as_mut) else {
-            return;
-        };
-        let Some(fd) = l.shared.as_ref() else {
             return;
         };
         let full = l.count.pause_if_full(l.max);
         let want = l.resting_until.is_none() && !full;
-        if want && !l.in_epoll {
-            let bits = epoll::READABLE | epoll::EXCLUSIVE;
+        if let Some(fd) = l.shared.as_ref() {
+            if want && !l.in_epoll {
+                let bits = epoll::READABLE | epoll::EXCLUSIVE;
+                match self
+                    .epoll
+                    .add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64)
+                {
+                    Ok(()) => l.in_epoll = true,
+                    // Cannot watch it now (ENOMEM, ENOSPC): try again later.
+                    Err(_) => l.resting_until = Some(Instant::now() + ACCEPT_BACKOFF),
+                }
+            } else if !want && l.in_epoll {
+                let _ = self.epoll.delete(fd.as_fd());
+                l.in_epoll = false;
+            }
+        }
+        let Some(fd) = l.pipe.as_ref() else {
+            return;
+        };
+        let want = l.resting_until.is_none() && !full;
+        if want && !l.pipe_in_epoll {
             match self
                 .epoll
-                .add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64)
+                .add(fd.as_fd(), epoll::READABLE, TOKEN_PIPE | idx as u64)
             {
-                Ok(()) => l.in_epoll = true,
-                // Cannot watch it now (ENOMEM, ENOSPC): try again later.
+                Ok(()) => l.pipe_in_epoll = true,
                 Err(_) => l.resting_until = Some(Instant::now() + ACCEPT_BACKOFF),
             }
-        } else if !want && l.in_epoll {
+        } else if !want && l.pipe_in_epoll {
             let _ = self.epoll.delete(fd.as_fd());
-            l.in_epoll = false;
+            l.pipe_in_epoll = false;
+        }
+        let want = l.resting_until.is_none() && !full;
+        if want == l.refusing && !disconnecting {
+            // REJECTED: route around me and take back what I have not
+            // read; without it: I take connections again.
+            l.refusing = !want;
+            let (handle, flags) = (l.handle, if want { 0 } else { REJECTED });
+            self.send_reply(flags, handle);
         }
     }
 
@@ -815,7 +849,7 @@ impl Inner {
             let Some(l) = self.listeners[idx].as_mut() else {
                 continue;
             };
-            if l.shared.is_none() {
+            if l.shared.is_none() && l.pipe.is_none() {
                 continue;
             }
             if l.resting_until.is_some_and(|at| at <= now) {
@@ -827,6 +861,79 @@ impl Inner {
             }
         }
         next
+    }
+
+    /// A connection from the listener's pipe, else from its socket.
+    fn try_accept(&mut self, idx: usize) -> Option<Stream> {
+        self.try_take(idx, false)
+            .or_else(|| self.try_accept_shared(idx))
+    }
+
+    /// Reads one record from the listener's pipe (blocking if asked),
+    /// unless it rests or is at its cap: the connection is ours from that
+    /// read on. `None` when there is none, and for a wake record or the
+    /// pipe's end (the primary closed it): the channel says why.
+    fn try_take(&mut self, idx: usize, block: bool) -> Option<Stream> {
+        let l = self.listeners.get_mut(idx)?.as_mut()?;
+        let pipe = l.pipe.as_ref()?;
+        if l.resting_until.is_some() {
+            return None;
+        }
+        if l.count.pause_if_full(l.max) {
+            self.sync_listener(idx);
+            return None;
+        }
+        if self.spare.is_none() {
+            self.spare = sys::fd::dup(pipe.as_fd()).ok();
+            if self.spare.is_none() {
+                // No fd free: read nothing (the connection could be lost in
+                // transit); rest, and the primary takes back what waits.
+                l.resting_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                self.sync_listener(idx);
+                return None;
+            }
+        }
+        let mut rec = [0u8; protocol::RECORD];
+        let mut fds = Vec::with_capacity(1);
+        drop(self.spare.take());
+        let res = sys::msg::recv(pipe.as_fd(), &mut rec, &mut fds, !block);
+        self.spare = sys::fd::dup(pipe.as_fd()).ok();
+        match res {
+            Ok(0) => {
+                // The primary closed the pipe: nothing more will come.
+                if l.pipe_in_epoll {
+                    let _ = self.epoll.delete(pipe.as_fd());
+                    l.pipe_in_epoll = false;
+                }
+                l.pipe = None;
+                None
+            }
+            Ok(_) => {
+                let fd = fds.pop()?;
+                let (_, flags) = protocol::decode_record(&rec);
+                if l.nonblocking_connections {
+                    // One file description with nobody else's copy now.
+                    let _ = sys::fd::set_nonblocking(fd.as_fd(), true);
+                }
+                let (handle, capped) = (l.handle, l.max.is_some());
+                let stream = Stream::new(fd, l.unix, &l.count);
+                if capped {
+                    self.sync_listener(idx);
+                }
+                if flags & protocol::FULL != 0 {
+                    // The primary may hold connections for this window.
+                    self.send_reply(0, handle);
+                }
+                if self.least_loaded {
+                    // The primary sees the take in the pipe; the report
+                    // that the worker is back in its loop is due from now.
+                    self.reported_busy = true;
+                    self.reported_at = Instant::now();
+                }
+                Some(stream)
+            }
+            Err(_) => None,
+        }
     }
 
     /// One `accept` on a shared listener, unless it rests or is at its cap.
@@ -906,30 +1013,11 @@ impl Inner {
         self.unsent.since = Instant::now();
     }
 
-    // ------------------------------------------------------------ round robin
-
-    // Pops a connection handed over by the primary and acknowledges it.
-    fn pop_queued(&mut self, idx: usize) -> Option<Stream> {
-        let l = self.listeners.get_mut(idx)?.as_mut()?;
-        let (cid, fd) = l.queue.pop_front()?;
-        if l.nonblocking_connections {
-            // One file description with the primary's copy: harmless, the
-            // primary never reads it, and a taken connection is never
-            // handed to anyone else.
-            let _ = sys::fd::set_nonblocking(fd.as_fd(), true);
-        }
-        let (handle, stream) = (l.handle, Stream::new(fd, l.unix, &l.count));
-        self.send_reply(0, handle, &[cid]);
-        Some(stream)
-    }
-
-    // The next handed-over connection of any listener, taking turns.
-    fn take_queued(&mut self) -> Option<Event> {
-        let n = self.listeners.len();
-        for step in 0..n {
-            let idx = (self.ready_cursor + step) % n;
-            if let Some(stream) = self.pop_queued(idx) {
-                self.ready_cursor = (idx + 1) % n;
+    // A connection from the first ready pipe that has one. The pipe waits
+    // for epoll to say it again, after the channel was looked at.
+    fn take_ready(&mut self) -> Option<Event> {
+        while let Some(idx) = self.ready_pipes.pop_front() {
+            if let Some(stream) = self.try_take(idx, false) {
                 return Some(Event::Connection {
                     listener: idx,
                     stream,
@@ -939,19 +1027,20 @@ impl Inner {
         None
     }
 
-    // Hands every connection queued here back to the primary.
-    fn reject_queued(&mut self) {
+    // Takes what every pipe holds now, as `Connection` events; true if
+    // there was any.
+    fn drain_pipes(&mut self) -> bool {
+        let mut any = false;
         for idx in 0..self.listeners.len() {
-            let Some(l) = self.listeners[idx].as_mut() else {
-                continue;
-            };
-            if l.queue.is_empty() {
-                continue;
+            while let Some(stream) = self.try_take(idx, false) {
+                self.pending.push_back(Event::Connection {
+                    listener: idx,
+                    stream,
+                });
+                any = true;
             }
-            let handle = l.handle;
-            let ids: Vec<u32> = l.queue.drain(..).map(|(id, _)| id).collect();
-            self.send_reply(REJECTED, handle, &ids);
         }
+        any
     }
 
     // ------------------------------------------------------------ accept
@@ -967,14 +1056,22 @@ impl Inner {
             if nonblocking {
                 self.read_channel(false)?;
             }
-            if let Some(s) = self.pop_queued(idx) {
-                return Ok(s);
+            if !nonblocking && self.pipe_only(idx) {
+                // Nothing else to wait for: the blocking read of the pipe
+                // is the wait, one syscall per connection. A wake record or
+                // the pipe's end sends us to the channel.
+                self.report_served(false);
+                if let Some(s) = self.try_take(idx, true) {
+                    return Ok(s);
+                }
+                self.read_channel(false)?;
+                continue;
             }
-            if let Some(s) = self.try_accept_shared(idx) {
+            if let Some(s) = self.try_accept(idx) {
                 return Ok(s);
             }
             if self.disconnecting() {
-                self.stop_listening();
+                self.stop_listening(false);
                 return Err(disconnecting());
             }
             if self.channel.as_ref().is_some_and(Channel::has_buffered) {
@@ -988,8 +1085,24 @@ impl Inner {
         }
     }
 
-    // Waits until the channel, this listener's socket (when it may accept)
-    // or the waker is readable, or this listener's rest ends.
+    // True when a blocking accept on `idx` has only its pipe and the
+    // channel to watch, with no deadline: no socket of its own, no cap
+    // waker, no rest, no load report due, and not disconnecting.
+    fn pipe_only(&self, idx: usize) -> bool {
+        let Some(l) = self.listener(idx) else {
+            return false;
+        };
+        l.pipe.is_some()
+            && l.shared.is_none()
+            && l.max.is_none()
+            && l.resting_until.is_none()
+            && self.channel.as_ref().is_some_and(|c| !c.has_buffered())
+            && !self.disconnecting()
+            && self.load_report_due().is_none()
+    }
+
+    // Waits until the channel, this listener's socket or pipe (when it may
+    // accept) or the waker is readable, or this listener's rest ends.
     fn block_for(&mut self, idx: usize) -> io::Result<()> {
         self.report_served(false);
         let report = self.report_load();
@@ -998,7 +1111,7 @@ impl Inner {
             .into_iter()
             .flatten()
             .min();
-        let mut fds: Vec<(BorrowedFd<'_>, i16)> = Vec::with_capacity(3);
+        let mut fds: Vec<(BorrowedFd<'_>, i16)> = Vec::with_capacity(4);
         let channel = self.channel.as_ref().map(|c| c.as_fd());
         if let Some(fd) = channel {
             fds.push((fd, poll::IN));
@@ -1006,16 +1119,14 @@ impl Inner {
         if let Some(fd) = l.filter(|l| l.in_epoll).and_then(|l| l.shared.as_ref()) {
             fds.push((fd.as_fd(), poll::IN));
         }
+        if let Some(fd) = l.filter(|l| l.pipe_in_epoll).and_then(|l| l.pipe.as_ref()) {
+            fds.push((fd.as_fd(), poll::IN));
+        }
         if let Some(w) = self.counts.waker.get() {
             fds.push((w.read.as_fd(), poll::IN));
         }
         let timeout = rest.map(|at| at.saturating_duration_since(Instant::now()));
-        if channel.is_some() && fds.len() == 1 && timeout.is_none() {
-            // Only the channel to wait for, with no deadline: a blocking
-            // read is the wait, and saves a poll per connection.
-            return self.read_channel(true);
-        }
-        let mut rev = [0i16; 3];
+        let mut rev = [0i16; 4];
         poll::poll(&fds, &mut rev[..fds.len()], timeout)?;
         if channel.is_some() && rev[0] != 0 {
             self.read_channel(false)?;
@@ -1025,15 +1136,25 @@ impl Inner {
 
     // ------------------------------------------------------------ stopping
 
-    // Stops taking connections. Round-robin connections already handed over
-    // stay queued and are still served; a shared listener's backlog is
-    // drained first (up to its cap), so what the kernel accepted before the
-    // stop is served.
-    pub(super) fn stop_listening(&mut self) {
+    // Stops taking connections. What the primary handed over and a shared
+    // listener's backlog are taken first (up to the cap), so what reached
+    // this worker before the stop is served; with `give_back`, the pipes
+    // are closed unread instead, and the primary hands what they hold to
+    // the other workers.
+    pub(super) fn stop_listening(&mut self, give_back: bool) {
+        if !give_back {
+            self.drain_pipes();
+        }
         for idx in 0..self.listeners.len() {
             let Some(l) = self.listeners[idx].as_mut() else {
                 continue;
             };
+            if let Some(pipe) = l.pipe.take() {
+                if l.pipe_in_epoll {
+                    let _ = self.epoll.delete(pipe.as_fd());
+                    l.pipe_in_epoll = false;
+                }
+            }
             let Some(fd) = l.shared.take() else { continue };
             // The socket closes below: its file (exclusive Unix) goes too.
             let unix_file = l.unix_file.take();
@@ -1080,21 +1201,25 @@ impl Inner {
         }
         self.disconnect_requested = true;
         self.disconnect_reported = true;
-        self.stop_listening();
         // As Node's worker does after the ack: what the program has not
         // taken goes back, then the channel closes, so the primary reports
         // the disconnect without waiting for this process to end.
-        self.reject_queued();
+        self.stop_listening(true);
         self.close_channel();
         Ok(())
     }
 
     pub(super) fn close_listener(&mut self, idx: usize) {
-        let Some(mut l) = self.listeners.get_mut(idx).and_then(Option::take) else {
+        let Some(l) = self.listeners.get_mut(idx).and_then(Option::take) else {
             return;
         };
         if let Some(fd) = &l.shared {
             if l.in_epoll {
+                let _ = self.epoll.delete(fd.as_fd());
+            }
+        }
+        if let Some(fd) = &l.pipe {
+            if l.pipe_in_epoll {
                 let _ = self.epoll.delete(fd.as_fd());
             }
         }
@@ -1109,11 +1234,8 @@ impl Inner {
         if self.channel.is_none() {
             return;
         }
+        // The primary takes back what the pipe (closed with `l`) holds.
         let _ = self.send(Kind::Close, 0, l.handle, &[], &[]);
-        if !l.queue.is_empty() {
-            let ids: Vec<u32> = l.queue.drain(..).map(|(id, _)| id).collect();
-            self.send_reply(REJECTED, l.handle, &ids);
-        }
     }
 }
 

@@ -4,7 +4,6 @@
 #![forbid(unsafe_code)]
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net as unix;
@@ -244,18 +243,14 @@ pub(super) struct ListenerState {
     /// `ListenOptions::nonblocking_connections`.
     pub(super) nonblocking_connections: bool,
     pub(super) count: Arc<ListenerCount>,
-    /// Round robin: connections handed over and not yet taken, with the
-    /// primary's id for each (the acknowledgement goes when one is taken).
-    pub(super) queue: VecDeque<(u32, OwnedFd)>,
-}
-
-impl ListenerState {
-    /// Round robin: true when one more handed-over connection would exceed
-    /// the cap (the queued ones count: each will be taken).
-    pub(super) fn full_for_handover(&self) -> bool {
-        self.max
-            .is_some_and(|m| self.count.open() + self.queue.len() >= m)
-    }
+    /// Round robin, least-loaded, reuseport: the pipe the primary hands
+    /// connections over through; reading a record is taking one.
+    pub(super) pipe: Option<OwnedFd>,
+    /// Whether `pipe` is in the worker's epoll now.
+    pub(super) pipe_in_epoll: bool,
+    /// The primary was told this listener refuses connections (at its cap,
+    /// or resting): it routes around this worker until told otherwise.
+    pub(super) refusing: bool,
 }
 
 /// A listener obtained through the primary with [`Worker::listen`](super::Worker::listen)
@@ -372,24 +367,20 @@ impl Listener {
     /// `server.maxConnections`); `None` (the default) lifts the cap,
     /// `Some(0)` refuses every connection.
     ///
-    /// At the cap, round robin: each connection the primary hands over is
-    /// answered "rejected", and the primary gives it to another worker (or
-    /// closes it, once, when every worker rejected it). Shared: the worker
+    /// At the cap, round robin: the worker tells the primary it refuses
+    /// connections, and the primary gives them to the other workers (and
+    /// closes a connection, once, when every worker refuses). Shared: the worker
     /// stops accepting (the socket leaves its epoll) until a [`Stream`] of
     /// this listener is dropped, so the other workers take the connections;
     /// when every worker is at its cap they wait in the kernel's backlog.
-    /// Connections handed over but not yet taken count toward the cap.
     ///
-    /// A shared listener's first cap makes the worker's wake socketpair (two
+    /// A listener's first cap makes the worker's wake socketpair (two
     /// fds, kept for the worker's life): that is the error this may return.
     pub fn set_max_connections(&self, max: Option<usize>) -> io::Result<()> {
         let mut inner = self.inner.borrow_mut();
-        let shared = inner
-            .listener(self.idx)
-            .ok_or_else(closed)?
-            .shared
-            .is_some();
-        if max.is_some() && shared {
+        let l = inner.listener(self.idx).ok_or_else(closed)?;
+        let own_queue = l.shared.is_some() || l.pipe.is_some();
+        if max.is_some() && own_queue {
             inner.ensure_waker()?;
         }
         inner.listener_mut(self.idx).ok_or_else(closed)?.max = max;

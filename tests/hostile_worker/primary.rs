@@ -209,7 +209,8 @@ fn unprivileged_worker_cannot_make_the_primary_bind_a_privileged_port() {
     assert!(!addresses(&mut p).iter().any(|a| a.ends_with(":99")));
     not_punished(&mut p, id);
     serves(&p, addr, 20);
-    bounded(&mut p, base + 3); // its channel, pidfd, listener
+    // Its channel, pidfd, listener and the two ends of its pipe.
+    bounded(&mut p, base + 5);
 }
 
 /// A worker running as nobody asks for Unix sockets in /root and /etc:
@@ -243,7 +244,7 @@ fn unprivileged_worker_cannot_make_the_primary_bind_in_root_directories() {
     let addr = ok.split("listening:").nth(1).unwrap().to_string();
     not_punished(&mut p, id);
     serves(&p, addr.split(' ').next().unwrap(), 10);
-    bounded(&mut p, base + 3);
+    bounded(&mut p, base + 5);
 }
 
 /// Explicit rules allow exactly what they list, with or without a
@@ -300,8 +301,9 @@ fn listen_rules_allow_only_what_they_list() {
             .unwrap(),
         10,
     );
-    // Its channel, pidfd, two listeners and the Unix one's directory.
-    bounded(&mut p, base + 5);
+    // Its channel, pidfd, two listeners and their pipes (two ends each),
+    // and the Unix one's directory.
+    bounded(&mut p, base + 9);
 }
 
 /// The Unix socket file tests: a probe with an honest worker, and the liar
@@ -496,7 +498,8 @@ fn a_worker_holds_at_most_max_worker_handles() {
     );
     assert_eq!(addresses(&mut p).len(), 1 + 64);
     let held = p.fds();
-    assert!(held <= base + 2 + 64, "{held} fds, {base} before");
+    // Per handle: its socket and the two ends of the worker's pipe.
+    assert!(held <= base + 2 + 3 * 64, "{held} fds, {base} before");
     not_punished(&mut p, id);
     serves(&p, &addr, 20);
     // Disconnected first, so that its 64 sockets are not kept for a
