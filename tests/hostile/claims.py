@@ -28,6 +28,8 @@ the channel from SYNCLUSTER_CHANNEL_FD, says Online, and then, per mode:
                             the handle, reports "swapped"
     replace PATH            listens on PATH, replaces the socket file with a
                             plain file, closes the handle, reports "replaced"
+    pipe-abuse              joins 127.0.0.1:0 (round robin), writes into
+                            its pipe, tears a record, reports, exits
     count F:N:L ...         one Count frame (kind 11) per argument, with
                             flags F, seq N and an L-byte payload, then
                             reports "counted" (tests/recycle.rs)
@@ -69,9 +71,9 @@ def say(text):
     send(USER, 0, text.encode())
 
 
-def recv_frame():
+def recv_frame(keep=None):
     """The next frame as (kind, flags, seq, payload), or None at EOF. fds
-    that come with it are closed at once."""
+    that come with it are closed at once, or appended to `keep`."""
     global buf
     while True:
         if len(buf) >= 16:
@@ -84,7 +86,10 @@ def recv_frame():
         for level, typ, raw in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
                 for fd in struct.unpack("%di" % (len(raw) // 4), raw[: len(raw) // 4 * 4]):
-                    os.close(fd)
+                    if keep is None:
+                        os.close(fd)
+                    else:
+                        keep.append(fd)
         if not data:
             return None
         buf += data
@@ -97,10 +102,10 @@ def query_payload(addr, index=0, backlog=0):
     return struct.pack("<BIIH", 0, index, backlog, int(port)) + host.encode()
 
 
-def await_reply(seq):
+def await_reply(seq, keep=None):
     """(True, hid, addr) or (False, errno, text) for query `seq`."""
     while True:
-        f = recv_frame()
+        f = recv_frame(keep)
         if f is None:
             sys.exit(0)
         kind, flags, fseq, payload = f
@@ -112,9 +117,51 @@ def await_reply(seq):
             return True, hid, payload[5:].decode(errors="replace")
 
 
-def query(addr, seq, index=0):
+def query(addr, seq, index=0, keep=None):
     send(QUERY, seq, query_payload(addr, index))
-    return await_reply(seq)
+    return await_reply(seq, keep)
+
+
+def pipe_abuse():
+    """Joins 127.0.0.1:0 index 0 (round robin: the reply brings its pipe),
+    writes a record with an fd into the pipe, waits for two records, reads
+    3 bytes of the first (its fd comes along), closes that connection,
+    reports "pipe-abuse write:<errno name or accepted> torn:<fds>" and
+    exits, leaving a torn record and whole ones in the pipe."""
+    import errno
+    import fcntl
+    import termios
+
+    fds = []
+    ok, hid, _ = query("127.0.0.1:0", 1, keep=fds)
+    assert ok and len(fds) == 1, (ok, hid, fds)
+    pipe = socket.socket(fileno=fds[0])
+    send(LISTENING, hid)
+    try:
+        pipe.sendmsg([b"\0" * 8], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", pipe.fileno()))])
+        wrote = "accepted"
+    except OSError as e:
+        wrote = errno.errorcode.get(e.errno, str(e.errno))
+    deadline = time.monotonic() + 20
+    n = bytearray(4)
+    while True:
+        fcntl.ioctl(pipe.fileno(), termios.FIONREAD, n)
+        if struct.unpack("<i", n)[0] >= 16:
+            break
+        if time.monotonic() > deadline:
+            say("pipe-abuse: no two records in 20 s")
+            sys.exit(1)
+        time.sleep(0.01)
+    _, anc, _, _ = pipe.recvmsg(3, socket.CMSG_SPACE(4))
+    taken = 0
+    for level, typ, raw in anc:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            for fd in struct.unpack("%di" % (len(raw) // 4), raw[: len(raw) // 4 * 4]):
+                os.close(fd)
+                taken += 1
+    say("pipe-abuse write:%s torn:%d" % (wrote, taken))
+    time.sleep(0.2)
+    sys.exit(0)
 
 
 def drain_forever():
@@ -200,6 +247,8 @@ def main():
             f.write("not the primary's")
         send(CLOSE, hid)
         say("replaced")
+    elif mode == "pipe-abuse":
+        pipe_abuse()
     elif mode == "count":
         for spec in args:
             flags, n, length = (int(x) for x in spec.split(":"))

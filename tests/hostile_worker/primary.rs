@@ -589,6 +589,50 @@ fn closing_a_handle_never_given_is_a_protocol_error() {
     bounded(&mut p, base);
 }
 
+/// A worker abuses the pipe connections reach it through: it cannot write
+/// into it (EPIPE: the primary's end is shut for reading), and when it
+/// tears a record (reads 3 of its 8 bytes, taking that connection) and
+/// exits, the primary reads back every whole fd behind the tear and the
+/// honest worker serves them: only the connection it took goes unanswered.
+#[test]
+fn a_worker_that_tears_its_pipe_loses_only_what_it_took() {
+    if python().is_none() {
+        return;
+    }
+    let s = Scratch::new();
+    let mut p = Probe::start();
+    let (a, addr) = honest(&mut p);
+    let base = p.fds();
+    let id = hostile(&mut p, &s, "pipe-abuse");
+    p.expect(format!("listening {id} "), DEADLINE);
+    // Six at once: in turn, three of them reach the hostile worker's pipe.
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = addr.clone();
+            thread::spawn(move || tcp_line(&addr, CLIENT))
+        })
+        .collect();
+    let said = p.expect(format!("message {id} pipe-abuse "), DEADLINE);
+    assert!(said.contains("write:EPIPE"), "{said}");
+    assert!(said.contains("torn:1"), "{said}");
+    p.expect(format!("exit {id} "), DEADLINE);
+    let mut answered = 0;
+    let mut unanswered = 0;
+    for c in clients {
+        match c.join().unwrap() {
+            Ok(l) => {
+                assert_eq!(l, format!("worker {a}"));
+                answered += 1;
+            }
+            Err(_) => unanswered += 1,
+        }
+    }
+    assert_eq!((answered, unanswered), (5, 1), "{:?}", p.log());
+    p.expect_none("error ", Duration::from_millis(50));
+    serves(&p, &addr, 10);
+    bounded(&mut p, base);
+}
+
 /// A worker says it listens on a handle it did not query, or twice for one
 /// query: reported and killed, no Listening event counted for it.
 #[test]
