@@ -103,14 +103,15 @@ def start(impl, workers):
     if impl == CMD_NODE:
         return start_command(workers, env)
     kind, mode = impl.rsplit(" ", 1)
+    # Every server but Node's (which has no such option) listens with
+    # TCP_DEFER_ACCEPT, nginx's `deferred`: a connection is accepted once its
+    # request arrived, the same for the limit and for syncluster.
     if kind == "syncluster":
-        # --deferred: TCP_DEFER_ACCEPT, nginx's `deferred` (the C prefork
-        # limit gains nothing from it: a blocking worker waits in read()).
         cmd = [HELLO, "--workers", str(workers), "--port", "0", "--policy", mode, "--deferred"]
     elif kind == "c prefork":
-        cmd = [PREFORK, str(workers), "0", mode]
+        cmd = [PREFORK, str(workers), "0", mode, "deferred"]
     elif kind == "c syncluster":
-        cmd = [C_HELLO, "--workers", str(workers), "--port", "0", "--policy", mode]
+        cmd = [C_HELLO, "--workers", str(workers), "--port", "0", "--policy", mode, "--deferred"]
     else:
         cmd = [NODE, os.path.join(ROOT, "scripts/node_hello.js"), str(workers), str(free_port())]
         env["NODE_CLUSTER_SCHED_POLICY"] = mode
@@ -182,8 +183,8 @@ def main():
 
     lines = []
     lines.append(f"wrk -t1 -c32 -d{DURATION}s, median of {ROUNDS} interleaved round(s); "
-                 f"{os.cpu_count()} CPUs, {platform_line()}. syncluster's hello runs with --deferred "
-                 "(TCP_DEFER_ACCEPT); the C servers without.")
+                 f"{os.cpu_count()} CPUs, {platform_line()}. Every server but Node's listens with "
+                 "TCP_DEFER_ACCEPT (hello --deferred, the C hello --deferred, prefork deferred).")
     lines.append("")
     lines.append("| workers | mode | server | req/s | p50 ms | p99 ms | errors | busiest/idlest "
                  "| primary CPU µs/conn | × limit | × node rr |")

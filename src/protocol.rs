@@ -130,9 +130,9 @@ pub enum Policy {
     /// the fewest connections (open, plus handed over and not yet taken)
     /// that has room in its window; ties go round robin, and with more than
     /// four workers two random ones are compared (power of two choices).
-    /// Workers report their open count on the acknowledgements they send
-    /// anyway, and, back in their loop with nothing to do after taking a
-    /// connection or closing some, in a small report (at most one a
+    /// The primary sees a worker take connections in its pipe, and workers
+    /// report their open count back in their loop with nothing to do after
+    /// taking a connection or closing some, in a small report (at most one a
     /// millisecond: no frame per request under load). A worker that sits on
     /// a connection (blocked on a slow request) gets at most one more; then
     /// connections wait in the primary for the first worker that can take

@@ -52,9 +52,9 @@
 //! error. A worker count the machine cannot hold is refused up front, by
 //! [`Supervisor::start`] and by SIGTTIN.
 //! With a hang timeout, a worker that holds connections longer than that
-//! without coming back for the next one is killed and replaced; the accept
-//! acknowledgements are the heartbeat, so a blocking single-threaded worker
-//! needs no heartbeat thread.
+//! without coming back for the next one is killed and replaced; taking the
+//! next connection from its pipe is the heartbeat, so a blocking
+//! single-threaded worker needs no heartbeat thread.
 //!
 //! # Worker recycling
 //!

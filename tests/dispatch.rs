@@ -150,6 +150,42 @@ fn least_loaded_passes_over_a_blocked_worker_where_round_robin_waits_behind_it()
     );
 }
 
+/// Quick requests sent at once with a slow one, before the primary can know
+/// which worker the slow one blocks: some reach that worker's pipe behind
+/// it. Least-loaded takes them back once the worker took nothing for 1 ms
+/// and hands them to the other, so none waits for the slow one to end.
+#[test]
+fn least_loaded_takes_back_what_waits_behind_a_worker_that_blocked() {
+    let h = Hello::start(&["--workers", "2", "--policy", "least-loaded"]);
+    let port = h.port;
+    for round in 0..3 {
+        let work = thread::spawn(move || {
+            get(
+                port,
+                &format!("/work?ms={WORK_MS}"),
+                Duration::from_secs(15),
+            )
+        });
+        let clients: Vec<_> = (0..30)
+            .map(|_| thread::spawn(move || get(port, "/", Duration::from_secs(10))))
+            .collect();
+        for (i, c) in clients.into_iter().enumerate() {
+            let (outcome, took) = c.join().unwrap();
+            assert_eq!(outcome, Outcome::Ok, "round {round}: quick request {i}");
+            assert!(
+                took < Duration::from_millis(1000),
+                "round {round}: quick request {i} waited {took:?} behind the blocked worker"
+            );
+        }
+        let (outcome, took) = work.join().unwrap();
+        assert_eq!(outcome, Outcome::Ok, "round {round}: /work");
+        assert!(
+            took >= Duration::from_millis(WORK_MS),
+            "/work took {took:?}"
+        );
+    }
+}
+
 #[test]
 fn least_loaded_with_many_workers_spreads_and_passes_over_the_blocked_one() {
     // Above four workers two are drawn at random for each connection.

@@ -1,9 +1,9 @@
 //! Least-loaded dispatch ([`Policy::LeastLoaded`](crate::Policy::LeastLoaded)):
 //! which worker of a handle takes the next connection.
 //!
-//! Each worker's load is what it last reported (the open count every
-//! acknowledgement carries, and the reports of falls that no
-//! acknowledgement carried) plus what was handed to it and not yet taken.
+//! Each worker's load is what it last reported (its open count, when it is
+//! back in its loop or its count fell), plus what the primary saw it take
+//! from its pipe since, plus what waits unread in its pipe.
 //! The next connection goes to the worker with the lowest [`Rank`] that has
 //! room in its window: an idle worker (back in its loop, see below) before
 //! a busy one, then the fewest connections; ties go round robin. With more than [`SCAN_MAX`]
@@ -12,7 +12,7 @@
 //!
 //! A count cannot tell a worker blocked on a slow request from one busy
 //! with fast ones. A worker says when it is back in its loop with nothing
-//! to do (a load report, at most 1 ms after its last acknowledgement), and
+//! to do (a load report, at most 1 ms after it last took a connection), and
 //! these pass a worker over:
 //! - **busy, one waiting** (ranked after every other worker, but not
 //!   skipped): its last word was that it took a connection, and a
@@ -20,9 +20,10 @@
 //!   request gets more only when every other one has one waiting too, and
 //!   then the one heard from last gets it;
 //! - **stuck** (skipped): connections handed over and none taken for
-//!   [`STUCK`];
+//!   [`STUCK`]; what waits in its pipe is taken back and handed to the
+//!   others, so no connection waits behind a blocked worker;
 //! - **silent** (skipped): busy, and nothing came since for [`SILENT`] (a
-//!   busy worker acknowledges all the time; an idle one said so).
+//!   busy worker takes connections all the time; an idle one said so).
 //!
 //! A worker passed over gets nothing until it speaks again: the connection
 //! waits in the primary's queue for the first worker that can take it,
@@ -46,8 +47,8 @@ const SILENT: Duration = Duration::from_millis(3);
 const SCAN_MAX: usize = 4;
 
 /// What the primary knows of a worker's load: the open count it last
-/// reported, when, and whether it said it took a connection (an
-/// acknowledgement) rather than that it is back in its loop (a report).
+/// reported, when, and whether it took a connection since (seen in its
+/// pipe) rather than being back in its loop (a report).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Load {
     pub(super) open: u32,

@@ -1,6 +1,6 @@
 //! What each worker served, for recycling after so many requests
 //! (gunicorn's `max_requests`): connections it took, which the primary
-//! sees acknowledged in round robin and the worker reports in shared mode,
+//! sees taken from its pipe in round robin and the worker reports in shared mode,
 //! and requests, when the worker's program reports them
 //! ([`Worker::note_requests`](crate::Worker::note_requests)).
 //!
@@ -38,7 +38,7 @@ impl Served {
 
 impl Primary {
     /// Reports [`Event::MaxRequests`] once the worker has served `limit`
-    /// requests: connections it took (acknowledged in round robin, reported
+    /// requests: connections it took (read from its pipe in round robin, reported
     /// by the worker in shared mode, in batches), or requests its program
     /// reported with [`Worker::note_requests`](crate::Worker::note_requests)
     /// once it reports any. Reported once per worker, at once if it is past

@@ -6,8 +6,10 @@
 
 use std::time::{Duration, Instant};
 
+use super::least_loaded::STUCK;
 use super::round_robin::STALL;
 use super::{Event, Primary};
+use crate::protocol::Policy;
 use crate::sys::{process, signal};
 
 impl Primary {
@@ -37,9 +39,18 @@ impl Primary {
             .values()
             .any(|h| h.policy.hands_over() && !h.queue.is_empty() && !h.workers.is_empty())
             .then(|| Instant::now() + STALL);
+        // Least-loaded: a worker that took nothing for STUCK while
+        // connections wait in its pipe has them taken back.
+        let stuck = self
+            .workers
+            .values()
+            .filter(|s| !s.in_flight.is_empty() && s.exit.is_none())
+            .filter(|s| s.pipes.iter().any(|p| self.rescues(p.hid)))
+            .map(|s| s.progress + STUCK);
         kills
             .chain(paused)
             .chain(hangs)
+            .chain(stuck)
             .chain(stalled)
             .chain(self.upgrade_deadline())
             .chain(self.reuseport_deadline())
@@ -47,9 +58,51 @@ impl Primary {
             .min()
     }
 
+    // Whether connections in flight on `hid` are taken back from a worker
+    // that stopped taking them (least-loaded: work-conserving, as a
+    // shared socket is; round robin keeps strict turns).
+    fn rescues(&self, hid: u32) -> bool {
+        self.handles
+            .get(&hid)
+            .is_some_and(|h| h.policy == Policy::LeastLoaded)
+    }
+
+    // Takes back what waits in the pipes of least-loaded workers stuck for
+    // STUCK (blocked on a slow request, say) and hands it to the others.
+    fn rescue_stuck(&mut self, now: Instant) {
+        let mut stuck: Vec<(u32, u32)> = Vec::new();
+        let mut settled = Vec::new();
+        for (&id, s) in self.workers.iter_mut() {
+            if s.in_flight.is_empty() || s.exit.is_some() || s.progress + STUCK > now {
+                continue;
+            }
+            let taken = s.settle(now);
+            if taken > 0 {
+                settled.push((id, taken));
+                continue;
+            }
+            for p in &s.pipes {
+                if s.in_flight.iter().any(|f| f.handle == p.hid) {
+                    stuck.push((id, p.hid));
+                }
+            }
+        }
+        for (id, taken) in settled {
+            self.count_served(id, taken as u64, 0, false);
+        }
+        for (id, hid) in stuck {
+            if self.rescues(hid) {
+                for h in self.take_back(id, Some(hid), false) {
+                    self.distribute(h, false);
+                }
+            }
+        }
+    }
+
     pub(super) fn on_timers(&mut self) {
         self.plain_timers();
         let now = Instant::now();
+        self.rescue_stuck(now);
         self.reuseport_timers(now);
         let due: Vec<u32> = self
             .workers

@@ -49,7 +49,7 @@ const REPORT_AGE: Duration = Duration::from_millis(50);
 /// Least-loaded: once the worker is back in its loop with nothing to do,
 /// it tells the primary (which then knows it is not blocked on a
 /// connection it took), with its open count if that fell; at most this
-/// long after the last acknowledgement or report...
+/// long after it last took a connection or reported...
 const LOAD_GAP: Duration = Duration::from_millis(1);
 /// ...unless the count fell by this much.
 const LOAD_BATCH: usize = 16;
@@ -972,7 +972,7 @@ impl Inner {
     // ------------------------------------------------------------ counts
 
     /// Counts connections taken from a shared socket (the primary sees
-    /// round-robin ones acknowledged) and requests the program served, for
+    /// round-robin ones in the pipe) and requests the program served, for
     /// the primary's `max_requests`. Batched: a frame once `REPORT_BATCH`
     /// are unsent, or at the next turn of the loop once `REPORT_AGE`
     /// passed since the last frame.
@@ -1005,7 +1005,7 @@ impl Inner {
                     .send(Kind::Count, flags, sent as u32, &[], &[])
                     .is_err()
             {
-                // As for an acknowledgement: the primary is gone.
+                // As for a report: the primary is gone.
                 self.close_channel();
                 return;
             }

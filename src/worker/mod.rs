@@ -482,9 +482,9 @@ impl Worker {
     /// Worker-initiated disconnect (≈ `cluster.worker.disconnect()` in a
     /// worker): tells the primary first, so that it reports
     /// `exited_after_disconnect`, and waits up to 5 s for its
-    /// acknowledgement. Then, as Node does, it stops listening, hands the
-    /// round-robin connections not yet taken back to the primary (other
-    /// workers serve them) and closes the channel: the primary reports
+    /// acknowledgement. Then, as Node does, it stops listening, leaves the
+    /// round-robin connections not yet taken to the primary (it reads them
+    /// back from the pipe; other workers serve them) and closes the channel: the primary reports
     /// `Disconnect` at once, while this process may finish what it holds.
     /// Connections already taken stay open; connections a shared listener
     /// had in its backlog come from [`Worker::next_event`]. Afterwards
