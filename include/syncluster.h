@@ -299,7 +299,8 @@ int sc_primary_set_policy(sc_primary *primary, int policy);
 /* The policy future listens use: SC_POLICY_RR or SC_POLICY_SHARED, or
  * -EINVAL for a NULL handle. */
 int sc_primary_policy(const sc_primary *primary);
-/* Round robin: connections in flight to one worker, 1 to 253 (default 4). */
+/* Round robin: connections handed to one worker and not yet taken, 1 to 253
+ * (default 4). */
 int sc_primary_set_window(sc_primary *primary, size_t window);
 /* listen(2) backlog when a worker asks for none, 1 to 2^31-1 (default 511). */
 int sc_primary_set_backlog(sc_primary *primary, uint32_t backlog);
@@ -457,8 +458,9 @@ int sc_worker_send(sc_worker *worker, const void *data, size_t len,
 int sc_worker_recv(sc_worker *worker, sc_event *ev);
 
 /* Leaves the cluster (like cluster.worker.disconnect()): tells the primary,
- * stops listening, hands round-robin connections not yet taken back to the
- * primary, and closes the channel. Connections already taken stay open. */
+ * stops listening, leaves round-robin connections not yet taken to the
+ * primary (which reads them back and hands them to other workers), and
+ * closes the channel. Connections already taken stay open. */
 int sc_worker_disconnect(sc_worker *worker);
 
 /* 1 once the primary asked for a disconnect or died, or this worker called

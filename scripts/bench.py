@@ -262,8 +262,8 @@ def floor_lines():
     lines = ["", "Kernel floor of a primary's per-connection work (scripts/handoff_floor.c, same run, "
              "no cluster library): epoll_wait, accept4, sendmsg(SCM_RIGHTS), close.", "",
              "| floor | primary CPU µs/conn | conn/s | wakes/conn |", "|---|---:|---:|---:|"]
-    names = {"handoff": "handoff, copy closed at once (nothing to requeue)",
-             "ack": "handoff, copy kept until the worker acknowledges (syncluster's rr)"}
+    names = {"handoff": "handoff, copy closed at once (syncluster's rr: requeues from the pipe)",
+             "ack": "copy kept until the worker acknowledges (syncluster's rr before the pipe)"}
     for mode, xs in figures.items():
         us, rate, wakes = (statistics.median(x[i] for x in xs) for i in range(3))
         lines.append(f"| {names[mode]} | {us:.1f} | {rate:,.0f} | {wakes:.2f} |")

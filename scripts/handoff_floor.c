@@ -4,11 +4,12 @@
  * connections. scripts/bench.py runs it next to the servers it compares.
  *
  *   handoff_floor N handoff   epoll_wait, accept4, sendmsg(SCM_RIGHTS) to a
- *                             worker, close at once (Node-style handoff with
- *                             nothing to requeue on a worker's death)
+ *                             worker, close at once (Node's handoff, and
+ *                             syncluster's rr, which requeues from its copy
+ *                             of the worker's pipe instead)
  *   handoff_floor N ack       the same, but the primary keeps its copy until
  *                             the worker acknowledges (4 bytes back on the
- *                             socketpair), as syncluster does to requeue
+ *                             socketpair), as syncluster did before its pipe
  *
  * Four client processes connect, send a request, read the answer and close;
  * one worker process receives the fds, answers and closes them. Prints

@@ -75,9 +75,15 @@
 //! - **Claims a worker may not make** are protocol errors: [`Event::Error`]
 //!   names it and the worker is killed; the others go on. A worker may not
 //!   close a handle it was never given, report listening on a handle it
-//!   did not query (or twice for one answer), reply for connections it was
-//!   not handed, attach fds or a payload to a control frame that has none,
-//!   or send `QueryReply`, `NewConn`, `Disconnect` or `Ack`. Harmless
+//!   did not query (or twice for one answer), name connections in a reply
+//!   (it takes them by reading its pipe), refuse a handle it has no pipe
+//!   for, attach fds or a payload to a control frame that has none, or
+//!   send `QueryReply`, `NewConn`, `Disconnect` or `Ack`.
+//! - **Its pipes** are the primary's to write: their primary end is shut
+//!   for reading, so a worker that writes into one gets `EPIPE`. A worker
+//!   that tears a record (reads part of it) takes that connection and no
+//!   other: every fd the primary reads back from a pipe is one it wrote
+//!   there, whatever the bytes around it say. Harmless
 //!   repeats are allowed: a second `Online`, a repeated
 //!   `ExitedAfterDisconnect` (answered again), a query for a handle it
 //!   already holds (answered again, nothing new bound).
@@ -208,8 +214,10 @@ pub struct Settings {
     /// Connections the primary holds per listener before it stops accepting
     /// and lets the kernel backlog absorb the burst (1024; at least 1).
     pub queue_limit: usize,
-    /// Connections in flight to one worker and not yet accepted by it
-    /// (4; Node: 1; 1 to 253). More lets one `sendmsg` carry several fds.
+    /// Connections handed to one worker (written to its pipe) and not yet
+    /// taken by it (4; Node: 1; 1 to 253). The primary holds no fd for
+    /// them; the pipe does, and gives them back if the worker never reads
+    /// them.
     /// [`role`](crate::role) takes it from `SYNCLUSTER_RR_WINDOW` when set.
     pub window: usize,
     /// When the last worker of a listening socket dies unexpectedly, keep
@@ -261,7 +269,9 @@ impl Default for Settings {
     }
 }
 
-/// The range of [`Settings::window`]: one frame carries at most 253 fds.
+/// The range of [`Settings::window`]: 253 at most (one `sendmsg`'s fds, the
+/// bound when connections traveled in frames, kept: every fd in a pipe is
+/// in flight, counted against the user's `RLIMIT_NOFILE` by the kernel).
 const WINDOW: std::ops::RangeInclusive<usize> = 1..=wire::MAX_FDS;
 
 /// The most fds [`Settings::map_fd`] takes: what the spawn plan maps

@@ -884,7 +884,7 @@ impl Inner {
             return None;
         }
         if self.spare.is_none() {
-            self.spare = sys::fd::dup(pipe.as_fd()).ok();
+            self.spare = sys::fd::dup(self.epoll.as_fd()).ok();
             if self.spare.is_none() {
                 // No fd free: read nothing (the connection could be lost in
                 // transit); rest, and the primary takes back what waits.
@@ -897,7 +897,9 @@ impl Inner {
         let mut fds = Vec::with_capacity(1);
         drop(self.spare.take());
         let res = sys::msg::recv(pipe.as_fd(), &mut rec, &mut fds, !block);
-        self.spare = sys::fd::dup(pipe.as_fd()).ok();
+        // A dup of the epoll, which lives as long as the worker: the spare
+        // holds no pipe or socket open.
+        self.spare = sys::fd::dup(self.epoll.as_fd()).ok();
         match res {
             Ok(0) => {
                 // The primary closed the pipe: nothing more will come.
