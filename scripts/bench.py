@@ -32,6 +32,9 @@ ap.add_argument("--workers", default="1,2,4", help="comma-separated worker count
 ap.add_argument("--mixed", action="store_true", help="only the mixed-load table (slow requests among fast ones)")
 ap.add_argument("--modes", default="keep-alive,close", help="comma-separated: keep-alive, close (default both)")
 ap.add_argument("--no-mixed", action="store_true", help="skip the mixed-load table")
+ap.add_argument("--mixed-connections", type=int, default=32,
+                help="wrk's connections in the mixed load (default 32; fewer keeps the workers "
+                "from being blocked most of the time)")
 ap.add_argument("--only", default="", help="comma-separated words: run only the servers whose name has one "
                 "(e.g. node: Node's cluster and the command running Node)")
 ARGS = ap.parse_args()
@@ -306,7 +309,8 @@ def mixed_impls():
 
 def run_mixed(port):
     """(req/s, p50, p99, max, p99.9 in ms, errors) of one wrk run with mixed.lua."""
-    args = ["-t1", "-c32", f"-d{DURATION}s", "--latency", "-s", MIXED_LUA, f"http://127.0.0.1:{port}/"]
+    args = ["-t1", f"-c{ARGS.mixed_connections}", f"-d{DURATION}s", "--latency", "-s", MIXED_LUA,
+            f"http://127.0.0.1:{port}/"]
     w, out = run_wrk(args, timeout=DURATION + 30)
     top = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", out)
     p999 = re.search(r"mixed: .* p99\.9 ([\d.]+) ms", out)  # mixed.lua's done()
@@ -340,7 +344,7 @@ def mixed_table():
         xs = [x for x in xs if x == x]  # NaN: a failed run
         return statistics.median(xs) if xs else float("nan")
 
-    lines = [f"Mixed load: wrk -t1 -c32 -d{DURATION}s -s scripts/mixed.lua (Connection: close, 1 request "
+    lines = [f"Mixed load: wrk -t1 -c{ARGS.mixed_connections} -d{DURATION}s -s scripts/mixed.lua (Connection: close, 1 request "
              "in 200 is GET /work?ms=50, which blocks its worker 50 ms), median of "
              f"{ROUNDS} interleaved round(s).", "",
              "| workers | server | req/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | p99 × rr | p99 × shared |",
