@@ -74,16 +74,14 @@ impl Load {
             self.busy = taken > 0;
         }
     }
-}
 
-impl Load {
     /// The primary saw `taken` more connections read from the worker's
     /// pipes, the newest written at `sent`: it is busy, with that many more
     /// open (until it reports). When it took them is not known, only that
     /// it was after `sent`: a worker blocked since an early take looks
-    /// silent as it should, not freshly heard from.
-    /// A report heard since `sent` most likely came after the take (a
-    /// worker takes what it is handed at once) and counted it already.
+    /// silent as it should, not freshly heard from. A report heard since
+    /// `sent` most likely came after the take (a worker takes what it is
+    /// handed at once) and counted it already.
     pub(super) fn took(&mut self, taken: usize, sent: Instant) {
         if self.heard >= sent {
             return;

@@ -78,15 +78,15 @@
 //!   did not query (or twice for one answer), name connections in a reply
 //!   (it takes them by reading its pipe), refuse a handle it has no pipe
 //!   for, attach fds or a payload to a control frame that has none, or
-//!   send `QueryReply`, `NewConn`, `Disconnect` or `Ack`.
+//!   send `QueryReply`, `NewConn`, `Disconnect` or `Ack`. Harmless
+//!   repeats are allowed: a second `Online`, a repeated
+//!   `ExitedAfterDisconnect` (answered again), a query for a handle it
+//!   already holds (answered again, nothing new bound).
 //! - **Its pipes** are the primary's to write: their primary end is shut
 //!   for reading, so a worker that writes into one gets `EPIPE`. A worker
 //!   that tears a record (reads part of it) takes that connection and no
 //!   other: every fd the primary reads back from a pipe is one it wrote
-//!   there, whatever the bytes around it say. Harmless
-//!   repeats are allowed: a second `Online`, a repeated
-//!   `ExitedAfterDisconnect` (answered again), a query for a handle it
-//!   already holds (answered again, nothing new bound).
+//!   there, whatever the bytes around it say.
 //! - **A disconnecting worker** (the program called
 //!   [`Primary::disconnect`], or the worker said it leaves) gets its
 //!   queries refused with `ECONNABORTED`, nothing bound: Node ignores

@@ -200,42 +200,40 @@ impl Primary {
         let now = Instant::now();
         let mut conns = conns.into_iter();
         let mut failed: Option<(Conn, bool)> = None;
-        if let Some(slot) = self.workers.get_mut(&w) {
-            if let Some(pipe) = slot.pipes.iter().find(|p| p.hid == hid) {
+        let target = self.workers.get_mut(&w).and_then(|s| {
+            let i = s.pipes.iter().position(|p| p.hid == hid)?;
+            Some((s, i))
+        });
+        match target {
+            Some((slot, i)) => {
                 for conn in conns.by_ref() {
                     let full = slot.in_flight.len() + 1 >= window;
                     let rec =
                         protocol::encode_record(conn.id, if full { protocol::FULL } else { 0 });
                     let res = sys::msg::send(
-                        pipe.ours.as_fd(),
+                        slot.pipes[i].ours.as_fd(),
                         &[IoSlice::new(&rec)],
                         &[conn.fd.as_fd()],
                         true,
                     );
-                    match res {
-                        Ok(_) => {
-                            if slot.in_flight.is_empty() {
-                                slot.progress = now;
-                            }
-                            slot.in_flight.push_back(InFlight {
-                                handle: hid,
-                                id: conn.id,
-                                rejected_by: conn.rejected_by,
-                                sent: now,
-                            });
-                            // `conn.fd` closes here: the pipe holds it now.
-                        }
-                        Err(e) => {
-                            failed = Some((conn, e.kind() != io::ErrorKind::WouldBlock));
-                            break;
-                        }
+                    if let Err(e) = res {
+                        failed = Some((conn, e.kind() != io::ErrorKind::WouldBlock));
+                        break;
                     }
+                    if slot.in_flight.is_empty() {
+                        slot.progress = now;
+                    }
+                    slot.in_flight.push_back(InFlight {
+                        handle: hid,
+                        id: conn.id,
+                        rejected_by: conn.rejected_by,
+                        sent: now,
+                    });
+                    // `conn.fd` closes here: the pipe holds it now.
                 }
-            } else {
-                failed = conns.next().map(|c| (c, true));
             }
-        } else {
-            failed = conns.next().map(|c| (c, true));
+            // No such worker, or no pipe for `hid`: as a broken pipe.
+            None => failed = conns.next().map(|c| (c, true)),
         }
         let Some((first, broken)) = failed else {
             return;
@@ -324,6 +322,7 @@ impl Primary {
         let taken = before - slot.in_flight.len();
         if taken > 0 {
             slot.progress = Instant::now();
+            self.count_served(id, taken as u64, 0, false);
         }
         if lost > 0 {
             self.events.push_back(Event::Error {
@@ -336,9 +335,6 @@ impl Primary {
                     ),
                 ),
             });
-        }
-        if taken > 0 {
-            self.count_served(id, taken as u64, 0, false);
         }
         let mut hids = Vec::new();
         for (hid, conn) in back.into_iter().rev() {
@@ -417,14 +413,7 @@ impl Slot {
     pub(super) fn unread(&self) -> usize {
         self.pipes
             .iter()
-            .map(|p| {
-                let sent = self.in_flight.iter().filter(|f| f.handle == p.hid).count();
-                if sent == 0 {
-                    0
-                } else {
-                    p.unread(sent)
-                }
-            })
+            .map(|p| p.unread(self.in_flight.iter().filter(|f| f.handle == p.hid).count()))
             .sum()
     }
 
@@ -464,10 +453,13 @@ impl Slot {
 
 impl Pipe {
     /// How many of the `sent` connections in flight on this pipe are still
-    /// unread: one `FIONREAD`. Wake records come after every connection
+    /// unread: one `FIONREAD` (none when nothing was sent). Wake records come after every connection
     /// (none is written once a worker is asked to disconnect), so while any
     /// connection is unread, so are they.
     fn unread(&self, sent: usize) -> usize {
+        if sent == 0 {
+            return 0;
+        }
         match sys::socket::unread(self.theirs.as_fd()) {
             Ok(n) => ((n + RECORD - 1) / RECORD)
                 .saturating_sub(self.wakes)

@@ -4,10 +4,13 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use super::handles::Handle;
 use super::least_loaded::STUCK;
 use super::round_robin::STALL;
+use super::workers::Slot;
 use super::{Event, Primary};
 use crate::protocol::Policy;
 use crate::sys::{process, signal};
@@ -45,7 +48,7 @@ impl Primary {
             .workers
             .values()
             .filter(|s| !s.in_flight.is_empty() && s.exit.is_none())
-            .filter(|s| s.pipes.iter().any(|p| self.rescues(p.hid)))
+            .filter(|s| rescued(&self.handles, s).next().is_some())
             .map(|s| s.progress + STUCK);
         kills
             .chain(paused)
@@ -58,40 +61,47 @@ impl Primary {
             .min()
     }
 
-    // Whether connections in flight on `hid` are taken back from a worker
-    // that stopped taking them (least-loaded: work-conserving, as a
-    // shared socket is; round robin keeps strict turns).
-    fn rescues(&self, hid: u32) -> bool {
-        self.handles
-            .get(&hid)
-            .is_some_and(|h| h.policy == Policy::LeastLoaded)
-    }
-
-    // Takes back what waits in the pipes of least-loaded workers stuck for
-    // STUCK (blocked on a slow request, say) and hands it to the others.
-    fn rescue_stuck(&mut self, now: Instant) {
-        let mut stuck: Vec<(u32, u32)> = Vec::new();
-        let mut settled = Vec::new();
+    // Looks at the pipes of the live workers `which` picks (one FIONREAD
+    // per pipe with something in flight) and counts what they took; returns
+    // those that took nothing.
+    fn settle_workers(
+        &mut self,
+        now: Instant,
+        which: impl Fn(&BTreeMap<u32, Handle>, &Slot) -> bool,
+    ) -> Vec<u32> {
+        let mut took = Vec::new();
+        let mut idle = Vec::new();
         for (&id, s) in self.workers.iter_mut() {
-            if s.in_flight.is_empty() || s.exit.is_some() || s.progress + STUCK > now {
+            if s.exit.is_some() || !which(&self.handles, s) {
                 continue;
             }
-            let taken = s.settle(now);
-            if taken > 0 {
-                settled.push((id, taken));
-                continue;
-            }
-            for p in &s.pipes {
-                if s.in_flight.iter().any(|f| f.handle == p.hid) {
-                    stuck.push((id, p.hid));
-                }
+            match s.settle(now) {
+                0 => idle.push(id),
+                taken => took.push((id, taken)),
             }
         }
-        for (id, taken) in settled {
+        for (id, taken) in took {
             self.count_served(id, taken as u64, 0, false);
         }
-        for (id, hid) in stuck {
-            if self.rescues(hid) {
+        idle
+    }
+
+    // Takes back what waits in the least-loaded pipes of workers that took
+    // nothing for STUCK (blocked on a slow request, say) and hands it to
+    // the others. Round-robin workers are not looked at: rr keeps strict
+    // turns.
+    fn rescue_stuck(&mut self, now: Instant) {
+        let stuck = self.settle_workers(now, |handles, s| {
+            !s.in_flight.is_empty()
+                && s.progress + STUCK <= now
+                && rescued(handles, s).next().is_some()
+        });
+        for id in stuck {
+            let Some(s) = self.workers.get(&id) else {
+                continue;
+            };
+            let hids: Vec<u32> = rescued(&self.handles, s).collect();
+            for hid in hids {
                 for h in self.take_back(id, Some(hid), false) {
                     self.distribute(h, false);
                 }
@@ -118,17 +128,7 @@ impl Primary {
         }
         if let Some(t) = self.hang_timeout {
             // Progress is seen by looking at the pipes.
-            let mut settled = Vec::new();
-            for (&id, s) in self.workers.iter_mut() {
-                if s.exit.is_none() && s.progress + t <= now {
-                    settled.push((id, s.settle(now)));
-                }
-            }
-            for (id, taken) in settled {
-                if taken > 0 {
-                    self.count_served(id, taken as u64, 0, false);
-                }
-            }
+            self.settle_workers(now, |_, s| s.progress + t <= now);
             let hung: Vec<u32> = self
                 .workers
                 .iter()
@@ -174,4 +174,16 @@ impl Primary {
             self.distribute(hid, false);
         }
     }
+}
+
+// The least-loaded handles a worker has connections in flight on: the
+// primary takes those back if it stops taking them (work-conserving, as a
+// shared socket is).
+fn rescued<'a>(handles: &'a BTreeMap<u32, Handle>, s: &'a Slot) -> impl Iterator<Item = u32> + 'a {
+    s.pipes.iter().map(|p| p.hid).filter(move |hid| {
+        handles
+            .get(hid)
+            .is_some_and(|h| h.policy == Policy::LeastLoaded)
+            && s.in_flight.iter().any(|f| f.handle == *hid)
+    })
 }

@@ -794,40 +794,32 @@ impl Inner {
         };
         let full = l.count.pause_if_full(l.max);
         let want = l.resting_until.is_none() && !full;
-        if let Some(fd) = l.shared.as_ref() {
-            if want && !l.in_epoll {
-                let bits = epoll::READABLE | epoll::EXCLUSIVE;
-                match self
-                    .epoll
-                    .add(fd.as_fd(), bits, TOKEN_LISTENER | idx as u64)
-                {
-                    Ok(()) => l.in_epoll = true,
-                    // Cannot watch it now (ENOMEM, ENOSPC): try again later.
-                    Err(_) => l.resting_until = Some(Instant::now() + ACCEPT_BACKOFF),
-                }
-            } else if !want && l.in_epoll {
-                let _ = self.epoll.delete(fd.as_fd());
-                l.in_epoll = false;
-            }
+        let e = &self.epoll;
+        let (shared, pipe) = (TOKEN_LISTENER | idx as u64, TOKEN_PIPE | idx as u64);
+        let exclusive = epoll::READABLE | epoll::EXCLUSIVE;
+        let ok = watch(
+            e,
+            l.shared.as_ref(),
+            want,
+            &mut l.in_epoll,
+            exclusive,
+            shared,
+        );
+        // A socket that could not be watched rests, and its pipe with it.
+        let ok = watch(
+            e,
+            l.pipe.as_ref(),
+            want && ok,
+            &mut l.pipe_in_epoll,
+            epoll::READABLE,
+            pipe,
+        ) && ok;
+        if !ok {
+            // Cannot watch it now (ENOMEM, ENOSPC): try again later.
+            l.resting_until = Some(Instant::now() + ACCEPT_BACKOFF);
         }
-        let Some(fd) = l.pipe.as_ref() else {
-            return;
-        };
-        let want = l.resting_until.is_none() && !full;
-        if want && !l.pipe_in_epoll {
-            match self
-                .epoll
-                .add(fd.as_fd(), epoll::READABLE, TOKEN_PIPE | idx as u64)
-            {
-                Ok(()) => l.pipe_in_epoll = true,
-                Err(_) => l.resting_until = Some(Instant::now() + ACCEPT_BACKOFF),
-            }
-        } else if !want && l.pipe_in_epoll {
-            let _ = self.epoll.delete(fd.as_fd());
-            l.pipe_in_epoll = false;
-        }
-        let want = l.resting_until.is_none() && !full;
-        if want == l.refusing && !disconnecting {
+        let want = want && ok;
+        if l.pipe.is_some() && want == l.refusing && !disconnecting {
             // REJECTED: route around me and take back what I have not
             // read; without it: I take connections again.
             l.refusing = !want;
@@ -1239,6 +1231,30 @@ impl Inner {
         // The primary takes back what the pipe (closed with `l`) holds.
         let _ = self.send(Kind::Close, 0, l.handle, &[], &[]);
     }
+}
+
+// Puts `fd` (if any) in or out of the epoll as `want` says, keeping
+// `watched` in step; false when it cannot be added now.
+fn watch(
+    epoll: &epoll::Epoll,
+    fd: Option<&OwnedFd>,
+    want: bool,
+    watched: &mut bool,
+    bits: u32,
+    token: u64,
+) -> bool {
+    let Some(fd) = fd else {
+        return true;
+    };
+    if want && !*watched {
+        *watched = epoll.add(fd.as_fd(), bits, token).is_ok();
+        return *watched;
+    }
+    if !want && *watched {
+        let _ = epoll.delete(fd.as_fd());
+        *watched = false;
+    }
+    true
 }
 
 /// Checks a token of the program's own fds.
