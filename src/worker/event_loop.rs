@@ -256,6 +256,17 @@ impl Inner {
             .send(kind, flags, seq, payload, fds)
     }
 
+    // A user message. A listener that refused connections and has room
+    // again (a stream dropped since) says so first: the primary must not
+    // close a connection as refused by all after the program said, in
+    // this message, that it let one go.
+    pub(super) fn send_user(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        if self.listeners.iter().flatten().any(|l| l.refusing) {
+            self.resume_listeners();
+        }
+        self.send(Kind::User, 0, 0, bytes, fds)
+    }
+
     // A ConnReply for `handle` with the open count: a load report (back in
     // the loop), a refill notice (a full window was taken from, or the
     // listener takes connections again) or, with REJECTED, a refusal. If

@@ -40,7 +40,6 @@ pub use crate::readiness::{Interest, Readiness};
 use self::event_loop::{check_token, Inner};
 use crate::decision::{Claim, Decided};
 use crate::env::{ENV_CHANNEL_FD, ENV_WORKER_ID, ENV_WORKER_PID};
-use crate::ipc::wire::Kind;
 use crate::sys::{self, epoll::Epoll};
 
 /// What [`Worker::next_event`] reports.
@@ -254,7 +253,7 @@ impl Worker {
     /// # }
     /// ```
     pub fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        self.inner.borrow_mut().send(Kind::User, 0, 0, bytes, fds)
+        self.inner.borrow_mut().send_user(bytes, fds)
     }
 
     /// Blocks for the next message from the primary, with its fds.
